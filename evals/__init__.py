@@ -1,0 +1,1 @@
+"""Eval suites (YAML), installed as package data of llmprune.evals."""

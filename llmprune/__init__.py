@@ -1,0 +1,31 @@
+"""llmprune: post-training compression for LLMs that tells you what it cost.
+
+Public API (imported lazily so `import llmprune` stays cheap):
+    llmprune.compress(model, tokenizer, recipe, calib=...)  -> (model, report)
+    llmprune.Recipe, llmprune.load_recipe(name_or_path)
+    llmprune.load_pretrained(dir)                          -> model with packed 2:4 modules
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "compress": ("llmprune.api", "compress"),
+    "Recipe": ("llmprune.recipe", "Recipe"),
+    "Stage": ("llmprune.recipe", "Stage"),
+    "load_recipe": ("llmprune.recipe", "load_recipe"),
+    "load_pretrained": ("llmprune.kernels", "load_pretrained"),
+    "UserError": ("llmprune.errors", "UserError"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'llmprune' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY) + ["__version__"]

@@ -1,0 +1,1 @@
+"""Calibration: text sources -> token windows -> layer-by-layer statistics."""

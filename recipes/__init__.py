@@ -1,0 +1,1 @@
+"""Named recipes (YAML), installed as package data of llmprune.recipes."""

@@ -1,0 +1,1 @@
+"""2:4 sparse Triton kernels (installed as llmprune.triton_kernels)."""
