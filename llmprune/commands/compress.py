@@ -1,0 +1,131 @@
+"""`llmprune compress MODEL --method ... --sparsity ... --output DIR`."""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compress", help="prune a model (magnitude, Wanda, SparseGPT; uniform or OWL)",
+                       description="Prune MODEL (a Hub id, a local save_pretrained dir, or llmprune-tiny) "
+                                   "layer by layer and write a loadable checkpoint to --output.")
+    p.add_argument("model", help="Hub id, local directory, or the embedded 'llmprune-tiny'")
+    p.add_argument("--method", help="magnitude | wanda | sparsegpt (or use --recipe)")
+    p.add_argument("--sparsity", help="fraction like 0.5 (unstructured) or N:M like 2:4 (N zeros per M inputs)")
+    p.add_argument("--recipe", help="a named recipe (see `llmprune recipes`) or a YAML file")
+    p.add_argument("--allocation", choices=("uniform", "owl", "global"), default=None,
+                   help="how sparsity is spread over layers: uniform (default), owl (outlier-weighted), "
+                        "global (magnitude only: one |W| ranking across matrices)")
+    p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
+    p.add_argument("--owl-lambda", type=float, default=None, help="OWL max deviation λ from the target (default 0.08)")
+    p.add_argument("--min-density", type=float, default=None, help="global allocation: per-matrix minimum density")
+    p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
+    p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
+    p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+    p.add_argument("--targets", default=None, help="regex of module names to prune (default: all decoder linears)")
+    p.add_argument("--ignore", default=None, help="regex of module names to leave dense")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from MODEL's repo")
+    p.add_argument("--save-format", choices=("dense", "sparse24"), default="dense",
+                   help="dense: plain HF safetensors with zeros (default); sparse24: packed 2:4 (load with "
+                        "llmprune.load_pretrained)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the output to this Hub repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def build_recipe(args: argparse.Namespace):
+    from llmprune.errors import UserError
+    from llmprune.recipe import CALIB_KEYS, Recipe, load_recipe
+
+    calib = {"data": args.calib_data, "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed}
+    stage_flags = {"allocation": args.allocation, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda,
+                   "min_density": args.min_density, "targets": args.targets, "ignore": args.ignore}
+    if args.recipe:
+        if args.method or args.sparsity:
+            raise UserError("give either --recipe or --method/--sparsity, not both")
+        recipe = load_recipe(args.recipe)
+        data = recipe.to_dict()
+        data["calibration"].update({k: v for k, v in calib.items() if v is not None})
+        for stage in data["stages"]:
+            stage.update({k: v for k, v in stage_flags.items() if v is not None})
+        rebuilt = Recipe.from_dict(data, where=f"recipe {recipe.name}")
+        rebuilt.name = recipe.name
+        return rebuilt
+    if not args.method or not args.sparsity:
+        raise UserError("give --method and --sparsity (e.g. --method wanda --sparsity 0.5), or --recipe NAME")
+    assert set(calib) <= set(CALIB_KEYS)
+    return Recipe.from_cli(args.method, args.sparsity, allocation=args.allocation or "uniform",
+                           **{k: v for k, v in stage_flags.items() if k != "allocation"}, **calib)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmprune.calibration.data import check_source
+    from llmprune.errors import UserError
+    from llmprune.io.save import check_output_dir, output_dir
+
+    # Everything a user can get wrong is checked before the model is loaded.
+    recipe = build_recipe(args)
+    check_output_dir(args.output, args.overwrite)
+    check_source(recipe.calibration.data)
+    if args.push_to_hub:
+        from llmprune.io.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
+    if args.save_format == "sparse24" and any(not s.pattern.is_nm or (s.pattern.n, s.pattern.m) != (2, 4)
+                                              for s in recipe.stages[-1:]):
+        raise UserError("--save-format sparse24 needs --sparsity 2:4")
+
+    from llmprune.api import compress
+    from llmprune.arch import spec_for
+    from llmprune.io.load import load_config, load_model, load_tokenizer, model_revision, resolve_device, \
+        resolve_model_path, torch_dtype
+
+    torch_dtype(args.dtype)
+    device = resolve_device(args.device)
+    config = load_config(args.model, args.trust_remote_code, args.revision)
+    spec_for(config)                                   # unsupported family: fail before loading weights
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision)
+    model = load_model(args.model, args.dtype, args.trust_remote_code, args.revision)
+    model, report = compress(model, tokenizer, recipe, device=device, progress=not args.quiet)
+
+    sidecar = {
+        "kind": "compress",
+        "base_model": {"id": args.model, "revision": model_revision(model) or args.revision,
+                       "model_type": model.config.model_type, "path": resolve_model_path(args.model)},
+        **report.sidecar(),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "save_format": args.save_format,
+    }
+    with output_dir(args.output, args.overwrite) as tmp:
+        write_checkpoint(model, tokenizer, tmp, args.save_format)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        sidecar["wall_time_s"] = round(time.perf_counter() - t0, 3)
+        from llmprune.io.save import write_sidecar
+
+        write_sidecar(tmp, sidecar)
+    print(report.summary_table())
+    print(f"wrote {args.output}")
+    if args.push_to_hub:
+        from llmprune.io.hub import push_output
+
+        push_output(args.output, args.push_to_hub, private=args.private)
+    return 0
+
+
+def write_checkpoint(model, tokenizer, directory, save_format: str) -> None:
+    if save_format == "sparse24":
+        from llmprune.kernels import save_sparse24
+
+        save_sparse24(model, tokenizer, directory)
+    else:
+        from llmprune.io.save import save_model
+
+        save_model(model, tokenizer, directory)
