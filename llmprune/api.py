@@ -99,8 +99,22 @@ def resolve_device(device: str) -> str:
     return _resolve(device)
 
 
-def _calibration_ids(model, tokenizer, recipe: Recipe, calib) -> tuple[torch.Tensor, dict]:
-    """Token windows [n, seqlen] and the spec that describes them for the sidecar."""
+@dataclass
+class CalibrationSet:
+    """Calibration token windows and the spec that describes them in the sidecar."""
+    ids: torch.Tensor      # [n_samples, seqlen] token ids
+    spec: dict
+
+
+def calibration_set(config, tokenizer, recipe: Recipe, calib=None) -> CalibrationSet:
+    """Draw the recipe's calibration windows (or wrap a given id tensor). Needs only the config."""
+    if isinstance(calib, CalibrationSet):
+        return calib
+    ids, spec = _calibration_ids(config, tokenizer, recipe, calib)
+    return CalibrationSet(ids, spec)
+
+
+def _calibration_ids(config, tokenizer, recipe: Recipe, calib) -> tuple[torch.Tensor, dict]:
     c = recipe.calibration
     if isinstance(calib, torch.Tensor):
         if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64):
@@ -111,7 +125,7 @@ def _calibration_ids(model, tokenizer, recipe: Recipe, calib) -> tuple[torch.Ten
         raise UserError("calibration from text needs a tokenizer; pass tokenizer= or a token-id tensor as calib=")
     source = calib or c.data
     seqlen = c.seqlen
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     note = None
     if max_pos and seqlen > max_pos:
         note = f"calibration seqlen {seqlen} exceeds the model's {max_pos} positions; using {max_pos}"
@@ -165,6 +179,15 @@ def _owl_sparsities(model, captured, stage: Stage, selector, device, prefix, pro
     valid = [r for r in ratios if r == r]
     per_layer = iter(owl_layer_sparsities(valid, stage.pattern.sparsity, stage.owl_lambda))
     return {f"{prefix}.{i}": next(per_layer) for i, r in enumerate(ratios) if r == r}
+
+
+def check_recipe(model, recipe: Recipe) -> None:
+    """Check every stage's targets against the model's modules (works on a meta-device model)."""
+    spec_for(model)
+    for i, stage in enumerate(recipe.stages):
+        selector = TargetSelector(stage.targets, stage.ignore)
+        _check_targets(stage, prunable_linears(model, selector), head_targets(model, selector),
+                       get_method(stage.method), where=f"stage {i} ({stage.method})")
 
 
 def _run_stage(model, tokenizer, stage: Stage, calib_ids, device, report: CompressReport, progress: bool,
@@ -250,7 +273,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: Recipe | dict | str = "wa
     """Prune `model` in place following `recipe`; return it with a report.
 
     calib: None (the recipe's calibration source), a source spec ("c4", "wikitext2", "stdlib", a
-    .txt/.jsonl/.parquet path), or a LongTensor [n_samples, seqlen] of token ids.
+    .txt/.jsonl/.parquet path), a LongTensor [n_samples, seqlen] of token ids, or a CalibrationSet.
     """
     t0 = time.perf_counter()
     recipe = load_recipe(recipe)
@@ -262,7 +285,8 @@ def compress(model: nn.Module, tokenizer=None, recipe: Recipe | dict | str = "wa
     needs_data = any(get_method(s.method).needs or s.allocation == "owl" for s in recipe.stages)
     calib_ids = None
     if needs_data:
-        calib_ids, report.calibration = _calibration_ids(model, tokenizer, recipe, calib)
+        calib_set = calibration_set(model.config, tokenizer, recipe, calib)
+        calib_ids, report.calibration = calib_set.ids, calib_set.spec
         if "note" in report.calibration:
             report.notes.append(report.calibration["note"])
     use_cache = getattr(model.config, "use_cache", None)

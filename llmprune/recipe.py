@@ -89,7 +89,7 @@ class Stage:
         if self.allocation == "global" and self.min_density > 1 - pattern.sparsity:
             raise UserError(f"{where}: min_density {self.min_density} cannot be met at sparsity {pattern.sparsity}")
         TargetSelector(self.targets, self.ignore)
-        self.params = spec.check_params(self.params, where)
+        self.params = spec.check_params(self.params, where, STAGE_KEYS)
         return self
 
     def to_dict(self) -> dict:

@@ -82,19 +82,32 @@ def run(args: argparse.Namespace) -> int:
                                               for s in recipe.stages[-1:]):
         raise UserError("--save-format sparse24 needs --sparsity 2:4")
 
-    from llmprune.api import compress
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.api import calibration_set, check_recipe, compress
     from llmprune.arch import spec_for
     from llmprune.io.load import load_config, load_model, load_tokenizer, model_revision, resolve_device, \
         resolve_model_path, torch_dtype
+    from llmprune.methods import get_method
 
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     torch_dtype(args.dtype)
     device = resolve_device(args.device)
+    t0 = time.perf_counter()
     config = load_config(args.model, args.trust_remote_code, args.revision)
     spec_for(config)                                   # unsupported family: fail before loading weights
-    t0 = time.perf_counter()
+    with torch.device("meta"):                         # check targets / N:M shapes without any weights
+        check_recipe(AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code), recipe)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision)
+    calib = None
+    if any(get_method(s.method).needs or s.allocation == "owl" for s in recipe.stages):
+        calib = calibration_set(config, tokenizer, recipe)   # too little text fails here, before the weights
     model = load_model(args.model, args.dtype, args.trust_remote_code, args.revision)
-    model, report = compress(model, tokenizer, recipe, device=device, progress=not args.quiet)
+    model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet)
 
     sidecar = {
         "kind": "compress",

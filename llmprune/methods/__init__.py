@@ -38,13 +38,13 @@ class MethodSpec:
     params: dict[str, inspect.Parameter] = field(default_factory=dict)
     summary: str = ""
 
-    def check_params(self, given: dict, where: str) -> dict:
+    def check_params(self, given: dict, where: str, common_keys: tuple[str, ...] = ()) -> dict:
         """Validate recipe parameters against the function signature; coerce simple types."""
         out = {}
         for key, value in given.items():
             if key not in self.params:
-                allowed = ", ".join(sorted(self.params)) or "none"
-                raise UserError(f"{where}: unknown parameter '{key}' for method {self.name} (its parameters: {allowed})")
+                allowed = ", ".join([*common_keys, *sorted(self.params)])
+                raise UserError(f"{where}: unknown key '{key}' for method {self.name} (allowed: {allowed})")
             default = self.params[key].default
             if default is not None and not isinstance(value, type(default)):
                 try:

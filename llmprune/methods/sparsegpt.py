@@ -61,10 +61,11 @@ def sparsegpt(weight: torch.Tensor, stats: LinearStats, pattern: Pattern, *,
     rows, cols = weight.shape
     device = weight.device
     with _no_tf32():
-        hessian = (stats.hessian.to(device, torch.float32) / max(stats.n_tokens, 1)).clone()  # [in, in]
+        dtype = torch.promote_types(weight.dtype, torch.float32)   # float32, or float64 when given
+        hessian = (stats.hessian.to(device, dtype) / max(stats.n_tokens, 1)).clone()  # [in, in]
         dead = torch.diagonal(hessian) == 0
         hessian[dead, dead] = 1.0
-        w_t = weight.t().contiguous()                  # [in, out]: row j of w_t is input column j
+        w_t = weight.to(dtype).t().contiguous()                # [in, out]: row j of w_t is input column j
         w_t[dead] = 0.0
         hinv, _ = inverse_cholesky_upper(hessian, dampening)   # [in, in], upper triangular
         del hessian

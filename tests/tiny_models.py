@@ -1,0 +1,69 @@
+"""Tiny random-init models of every supported family, and a small local tokenizer (no downloads)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 384
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+ARCH_CONFIGS = {
+    "llama": dict(_COMMON, num_key_value_heads=2),
+    "mistral": dict(_COMMON, num_key_value_heads=2, sliding_window=None),
+    "qwen2": dict(_COMMON, num_key_value_heads=2),
+    "qwen3": dict(_COMMON, num_key_value_heads=2, head_dim=16),
+    "gemma2": dict(_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16, query_pre_attn_scalar=16),
+    "gemma3_text": dict(_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(_COMMON, num_key_value_heads=2),
+    "opt": dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                max_position_embeddings=256, word_embed_proj_dim=64, tie_word_embeddings=False, **_IDS),
+    "gpt2": dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=False, **_IDS),
+    "gpt_neox": dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=False, **_IDS),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    return AutoConfig.for_model(model_type, **{**ARCH_CONFIGS[model_type], **overrides})
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    model.eval()
+    return model
+
+
+def sample_text() -> str:
+    """Local text (Python stdlib sources) for tokenizer training and calibration files."""
+    from llmprune.calibration.data import stdlib_files
+
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files("train")[:12])
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([sample_text()[:200_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def save_tiny(path: Path, model_type: str = "llama", seed: int = 0) -> Path:
+    model = tiny_model(model_type, seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
