@@ -60,34 +60,24 @@ def num_to_prune(numel: int, sparsity: float) -> int:
     return int(round(numel * sparsity))
 
 
-def per_row_counts(rows: int, cols: int, sparsity: float, row_tiebreak: torch.Tensor | None = None) -> torch.Tensor:
-    """How many entries each row prunes so the *matrix* total is exactly round(rows·cols·s).
-
-    Every row prunes floor(total/rows); the remainder goes to the rows whose next candidate has the
-    smallest score (`row_tiebreak`, [rows]), or to the first rows when none is given.
-    """
-    total = num_to_prune(rows * cols, sparsity)
-    base, extra = divmod(total, rows)
-    counts = torch.full((rows,), base, dtype=torch.long)
-    if extra:
-        idx = torch.argsort(row_tiebreak)[:extra] if row_tiebreak is not None else torch.arange(extra)
-        counts[idx] += 1
-    return counts
-
-
 def rowwise_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """score [rows, cols] -> keep_mask [rows, cols]: prune the lowest-scoring entries of each row.
 
     Each row prunes the same count (±1 so the matrix total is exact); the Wanda comparison group.
     """
     rows, cols = score.shape
-    order = torch.argsort(score, dim=1)                      # [rows, cols], ascending
-    base = num_to_prune(rows * cols, sparsity) // rows
-    tiebreak = score.gather(1, order[:, base:base + 1]).squeeze(1) if base < cols else None
-    counts = per_row_counts(rows, cols, sparsity, tiebreak).to(score.device)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=score.device).expand(rows, cols))
-    return ranks >= counts.unsqueeze(1)
+    total = num_to_prune(rows * cols, sparsity)
+    base, extra = divmod(total, rows)
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if not extra:   # the common case (cols·s integral): an unsorted topk is all we need
+        keep.scatter_(1, torch.topk(score, base, dim=1, largest=False, sorted=False).indices, False)
+        return keep
+    # Otherwise the remainder goes to the rows whose next candidate has the smallest score.
+    low_values, low_index = torch.topk(score, min(base + 1, cols), dim=1, largest=False, sorted=True)
+    keep.scatter_(1, low_index[:, :base], False)
+    extra_rows = torch.topk(low_values[:, base], extra, largest=False).indices     # [extra]
+    keep[extra_rows, low_index[extra_rows, base]] = False
+    return keep
 
 
 def global_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -95,7 +85,7 @@ def global_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = num_to_prune(score.numel(), sparsity)
     keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     if k:
-        keep[torch.topk(score.flatten(), k, largest=False).indices] = False
+        keep[torch.topk(score.flatten(), k, largest=False, sorted=False).indices] = False
     return keep.view_as(score)
 
 

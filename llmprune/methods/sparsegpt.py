@@ -30,21 +30,22 @@ SUB_BLOCK = 32  # columns per inner lazy-update step; a multiple of M is used fo
 
 
 def inverse_cholesky_upper(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λI)^-1, λ = dampening·mean(diag H), retrying with more damping.
+    """Upper Cholesky factor U of (H + λI)^-1 (so H^-1 = UᵀU), λ = dampening·mean(diag H).
 
-    Returns (factor [in, in], dampening actually used). A matrix that stays indefinite falls back
-    to the identity (= magnitude-like pruning) with a warning, as llm-compressor does.
+    The reference computes chol -> cholesky_inverse -> chol(upper). With J the index reversal,
+    J·H·J = L'L'ᵀ gives H^-1 = (J L'^-1 J)ᵀ (J L'^-1 J) and J L'^-1 J is upper triangular with a
+    positive diagonal, i.e. exactly U: one Cholesky and one triangular inverse (~3x cheaper).
+    Retries with 10x more damping; a matrix that stays indefinite falls back to the identity
+    (magnitude-like pruning) with a warning, as llm-compressor does.
     """
     mean_diag = torch.mean(torch.diagonal(hessian))
     eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
     damp = dampening
     for _ in range(5):
-        chol, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        flipped_chol, info = torch.linalg.cholesky_ex((hessian + damp * mean_diag * eye).flip(0, 1))
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return upper, damp
+            inv_lower = torch.linalg.solve_triangular(flipped_chol, eye, upper=False)
+            return inv_lower.flip(0, 1), damp
         damp *= 10
     warnings.warn("SparseGPT: Hessian is not positive definite even with heavy dampening; using identity")
     return eye.clone(), float("inf")
@@ -81,7 +82,7 @@ def sparsegpt(weight: torch.Tensor, stats: LinearStats, pattern: Pattern, *,
                 quota = num_to_prune(rows * b1, pattern.sparsity) - num_to_prune(rows * b0, pattern.sparsity)
                 if quota:
                     score = (block ** 2) / (d ** 2).unsqueeze(1)
-                    prune.view(-1)[torch.topk(score.flatten(), quota, largest=False).indices] = True
+                    prune.view(-1)[torch.topk(score.flatten(), quota, largest=False, sorted=False).indices] = True
             err_block = torch.zeros_like(block)        # [B, out]
             for s0 in range(0, b1 - b0, sub):
                 s1 = min(s0 + sub, b1 - b0)
@@ -91,7 +92,7 @@ def sparsegpt(weight: torch.Tensor, stats: LinearStats, pattern: Pattern, *,
                         drop = torch.topk(score, pattern.n, dim=0, largest=False).indices              # [N, out]
                         prune[i:i + pattern.m].scatter_(0, drop, True)
                     err = block[i] * prune[i] / d[i]   # [out]: (w - q)/d with q = w·keep
-                    block[i:s1] -= hinv_block[i, i:s1].unsqueeze(1) * err.unsqueeze(0)
+                    block[i:s1].addr_(hinv_block[i, i:s1], err, alpha=-1.0)   # in-block OBS update
                     err_block[i] = err
                 if s1 < b1 - b0:                       # lazy update of the rest of this block
                     block[s1:] -= hinv_block[s0:s1, s1:].t() @ err_block[s0:s1]
