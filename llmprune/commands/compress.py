@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     from llmprune.api import calibration_set, check_recipe, compress
     from llmprune.arch import spec_for
-    from llmprune.io.load import load_config, load_model, load_tokenizer, model_revision, resolve_device, \
-        resolve_model_path, torch_dtype
+    from llmprune.io.load import is_local_model, load_config, load_model, load_tokenizer, model_revision, \
+        resolve_device, resolve_model_path, torch_dtype
     from llmprune.methods import get_method
 
     if args.quiet:
@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     sidecar = {
         "kind": "compress",
         "base_model": {"id": args.model, "revision": model_revision(model) or args.revision,
-                       "model_type": model.config.model_type, "path": resolve_model_path(args.model)},
+                       "model_type": model.config.model_type, "path": resolve_model_path(args.model),
+                       "local": is_local_model(args.model)},
         **report.sidecar(),
         "dtype": str(model.dtype).replace("torch.", ""),
         "save_format": args.save_format,
@@ -129,7 +130,11 @@ def run(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         from llmprune.io.hub import push_output
 
-        push_output(args.output, args.push_to_hub, private=args.private)
+        try:
+            push_output(args.output, args.push_to_hub, private=args.private)
+        except UserError as exc:
+            raise UserError(f"{exc} (the model is saved in {args.output}; push it later with "
+                            f"`llmprune push {args.output} {args.push_to_hub}`)") from None
     return 0
 
 

@@ -37,6 +37,11 @@ def resolve_model_path(name: str) -> str:
     return name  # a Hub id
 
 
+def is_local_model(name: str) -> bool:
+    """True for a local directory or the embedded model (not a Hub id)."""
+    return name in EMBEDDED_MODELS or Path(name).expanduser().is_dir()
+
+
 def torch_dtype(name: str):
     import torch
 
