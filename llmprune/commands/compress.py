@@ -119,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
         "save_format": args.save_format,
     }
     with output_dir(args.output, args.overwrite) as tmp:
-        write_checkpoint(model, tokenizer, tmp, args.save_format)
+        packed = write_checkpoint(model, tokenizer, tmp, args.save_format)
+        if packed is not None:
+            sidecar["pack"] = packed
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         sidecar["wall_time_s"] = round(time.perf_counter() - t0, 3)
         from llmprune.io.save import write_sidecar
@@ -138,12 +140,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_checkpoint(model, tokenizer, directory, save_format: str) -> None:
+def write_checkpoint(model, tokenizer, directory, save_format: str) -> dict | None:
+    """Dense HF checkpoint, or packed 2:4 (returns the sidecar's `pack` section)."""
     if save_format == "sparse24":
         from llmprune.kernels import save_sparse24
 
-        save_sparse24(model, tokenizer, directory)
-    else:
-        from llmprune.io.save import save_model
+        return save_sparse24(model, tokenizer, directory)
+    from llmprune.io.save import save_model
 
-        save_model(model, tokenizer, directory)
+    save_model(model, tokenizer, directory)
+    return None

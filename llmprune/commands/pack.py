@@ -1,0 +1,100 @@
+"""`llmprune pack DIR --output DIR2`: store the 2:4 linears of a dense checkpoint packed.
+
+Reads a dense (zeros included) llmprune or Hugging Face model directory, packs every nn.Linear
+whose weight is 2:4 along in_features (lm_head excluded) into values + bitmask (9/16 of the dense
+bytes for 16-bit weights) and writes config, tokenizer, safetensors and an updated llmprune.json
+(kind "pack"). Load the result with `llmprune.load_pretrained(DIR2)`.
+"""
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = __doc__.split("\n", 2)[2]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pack", help="store the 2:4 linears of a dense checkpoint packed (sparse24)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="DIR", help="a local dense model directory (e.g. the output of `llmprune compress`)")
+    p.add_argument("--output", required=True, metavar="DIR2", help="output directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="output shard size (default: 5GB)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from DIR")
+    p.set_defaults(func=run)
+
+
+def _dir_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import resource
+    import time
+    from pathlib import Path
+
+    from llmprune.errors import UserError
+    from llmprune.io.save import RECIPE_NAME, SIDECAR_NAME, check_output_dir, output_dir, write_sidecar
+
+    src = Path(args.model).expanduser()
+    if not src.is_dir() or not (src / "config.json").is_file():
+        raise UserError(f"{args.model} is not a local model directory (no config.json); give the output of "
+                        "`llmprune compress` or a `save_pretrained` directory")
+    target = check_output_dir(args.output, args.overwrite)
+    if target == src.resolve():
+        raise UserError("--output must differ from the input directory (the input is never modified)")
+    if not any(src.glob("*.safetensors")):
+        raise UserError(f"{args.model} has no safetensors weights; re-save it with safe_serialization=True")
+
+    from llmprune.io.load import load_model, load_tokenizer
+    from llmprune.kernels import is_packed_checkpoint, save_sparse24
+
+    if is_packed_checkpoint(src):
+        raise UserError(f"{args.model} is already packed; load it with llmprune.load_pretrained")
+    source_sidecar = {}
+    if (src / SIDECAR_NAME).is_file():
+        try:
+            source_sidecar = json.loads((src / SIDECAR_NAME).read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{src / SIDECAR_NAME} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    t0 = time.perf_counter()
+    try:
+        tokenizer = load_tokenizer(str(src), args.trust_remote_code)
+    except UserError:
+        tokenizer = None  # a weights-only directory: pack it anyway, say so below
+    model = load_model(str(src), "auto", args.trust_remote_code)
+
+    with output_dir(target, args.overwrite) as tmp:
+        info = save_sparse24(model, tokenizer, tmp, max_shard_size=args.max_shard_size)
+        if (src / RECIPE_NAME).is_file():
+            (tmp / RECIPE_NAME).write_text((src / RECIPE_NAME).read_text())
+        sidecar = {k: v for k, v in source_sidecar.items()
+                   if k not in ("format_version", "kind", "versions", "command", "wall_time_s", "peak_memory")}
+        sidecar.setdefault("base_model", {"id": str(src), "revision": None,
+                                          "model_type": model.config.model_type})
+        sidecar["kind"] = "pack"
+        sidecar["packed_from"] = {"path": str(src.resolve()), "kind": source_sidecar.get("kind"),
+                                  "command": source_sidecar.get("command")}
+        sidecar["pack"] = info
+        sidecar["dtype"] = str(model.dtype).replace("torch.", "")
+        sidecar["wall_time_s"] = round(time.perf_counter() - t0, 3)
+        sidecar["peak_memory"] = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                                  "cuda_bytes": None}
+        write_sidecar(tmp, sidecar)
+        disk_in, disk_out = _dir_bytes(src), _dir_bytes(tmp)
+
+    mib = 2**20
+    rows = [
+        ("packed linears", f"{len(info['modules'])}"),
+        ("dense linears", f"{len(info.get('dense_linears', {}))} ({', '.join(sorted(set(info.get('dense_linears', {}).values()))) or '-'})"),
+        ("linear weights", f"{info['bytes_dense'] / mib:,.1f} MiB -> {info['bytes_packed'] / mib:,.1f} MiB "
+                           f"({info['bytes_packed'] / info['bytes_dense']:.2%})"),
+        ("safetensors on disk", f"{disk_in / mib:,.1f} MiB -> {disk_out / mib:,.1f} MiB ({disk_out / max(disk_in, 1):.2%})"),
+    ]
+    if tokenizer is None:
+        rows.append(("tokenizer", "none found in the input; not written"))
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(f"wrote {target} (load with llmprune.load_pretrained)")
+    return 0
