@@ -106,8 +106,17 @@ def run(args: argparse.Namespace) -> int:
     calib = None
     if any(get_method(s.method).needs or s.allocation == "owl" for s in recipe.stages):
         calib = calibration_set(config, tokenizer, recipe)   # too little text fails here, before the weights
-    model = load_model(args.model, args.dtype, args.trust_remote_code, args.revision)
+    # CPUs without native bf16 (no AVX512-BF16/AMX) run half-precision matmuls very slowly: with
+    # --dtype auto on such a CPU, work in float32 and write the checkpoint back in its own dtype.
+    save_dtype = None
+    work_dtype = args.dtype
+    if (args.dtype == "auto" and device == "cpu" and not _cpu_has_fast_bf16()
+            and getattr(config, "dtype", None) in (torch.bfloat16, torch.float16)):
+        work_dtype, save_dtype = "float32", config.dtype
+    model = load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
     model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet)
+    if save_dtype is not None:
+        model.to(save_dtype)
 
     sidecar = {
         "kind": "compress",
@@ -138,6 +147,15 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{exc} (the model is saved in {args.output}; push it later with "
                             f"`llmprune push {args.output} {args.push_to_hub}`)") from None
     return 0
+
+
+def _cpu_has_fast_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def write_checkpoint(model, tokenizer, directory, save_format: str) -> dict | None:
