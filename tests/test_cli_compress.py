@@ -185,3 +185,20 @@ def test_existing_output_untouched_and_subprocess_has_no_traceback(workspace, tm
     assert proc.stderr.strip().splitlines() == [f"llmprune: error: output directory {out.resolve()} already exists; "
                                                 "pass --overwrite to replace it"]
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "precious"
+
+
+def test_embedded_model_to_packed_sparse24(tmp_path):
+    """The README quick-start model, pruned 2:4 and saved packed, reloads onto the kernels."""
+    import llmprune
+    from llmprune.io.load import EMBEDDED_MODELS
+
+    out = tmp_path / "packed"
+    assert main(["compress", "llmprune-tiny", "--method", "wanda", "--sparsity", "2:4", "--calib-data", "stdlib",
+                 *CALIB, "--save-format", "sparse24", "--output", str(out)]) == 0
+    sidecar = json.loads((out / "llmprune.json").read_text())
+    assert sidecar["pack"]["bytes_packed"] < 0.6 * sidecar["pack"]["bytes_dense"]
+    model = llmprune.load_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("import os\n", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+    assert (EMBEDDED_MODELS["llmprune-tiny"] / "model.safetensors").is_file()
