@@ -1,0 +1,198 @@
+"""`llmprune eval MODEL [--suite ...] [--tasks ...] [--ppl-data ...] --output RESULTS_DIR`
+(and `llmprune eval --export-data DIR --suite ...` on a connected machine)."""
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_SUITES = "lm,probes"
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `eval` and `sweep`."""
+    p.add_argument("--suite", default=None,
+                   help=f"comma-separated suites: lm, knowledge, reasoning (= reasoning_mc + reasoning_gen), "
+                        f"instruction, probes, or a path to a suite .yaml (default: {DEFAULT_SUITES} "
+                        "unless --tasks/--ppl-data is given)")
+    p.add_argument("--tasks", default=None, help="extra lm-eval task names, comma-separated")
+    p.add_argument("--ppl-data", default=None,
+                   help="comma-separated perplexity datasets: wikitext2 | c4 | stdlib | PATH (.txt/.jsonl/.parquet); "
+                        "replaces the suites' own list; 'none' for no perplexity")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="perplexity window and lm-eval max_length (default 2048, or the model's maximum if smaller)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="at most N items per task and probe (the first N, so runs stay paired); <1 means a "
+                        "fraction; perplexity always uses the whole text")
+    p.add_argument("--batch-size", default="auto", help="auto | N (auto = detected on CUDA, 8 on CPU)")
+    p.add_argument("--data-dir", default=None,
+                   help="offline: read lm-eval task data from this directory (written by --export-data)")
+    p.add_argument("--include-path", action="append", default=[],
+                   help="directory of extra lm-eval task YAMLs (repeatable)")
+    p.add_argument("--apply-chat-template", action="store_true", help="format prompts with the model's chat template")
+    p.add_argument("--eval-seed", type=int, default=0, help="lm-eval seeds (few-shot sampling); default 0")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--revision", default=None, help="Hub revision of MODEL")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from MODEL's repo")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, lm-eval suites, probes",
+                       description="Evaluate MODEL on paper-protocol perplexity, lm-eval task suites and "
+                                   "built-in probes; write RESULTS_DIR/results.json (+ lm-eval output and "
+                                   "per-sample logs). With --export-data DIR, download the suites' task "
+                                   "data instead (run it where the Hub is reachable; use --data-dir offline).")
+    p.add_argument("model", nargs="?", help="Hub id, local directory, or 'llmprune-tiny'")
+    add_eval_args(p)
+    p.add_argument("--baseline", default=None, help="a dense RESULTS_DIR: add retained %% per task/suite")
+    p.add_argument("--export-data", metavar="DIR", default=None,
+                   help="write the lm-eval task data of the chosen suites/tasks to DIR and exit (no model)")
+    p.add_argument("--output", "-o", default=None, help="results directory (must not exist unless --overwrite)")
+    p.set_defaults(func=run)
+
+
+def _csv(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def parse_eval_args(args: argparse.Namespace):
+    """Suites, specs and settings from the flags; everything checked before a model is loaded."""
+    from llmprune.calibration.data import check_source
+    from llmprune.errors import UserError
+    from llmprune.eval.harness import Settings, select_specs
+    from llmprune.eval.suites import load_suites
+
+    tasks = _csv(args.tasks)
+    ppl = None
+    if args.ppl_data is not None:
+        ppl = [] if args.ppl_data.strip().lower() == "none" else _csv(args.ppl_data)
+        for p in ppl:
+            check_source(p)
+    suite_names = _csv(args.suite) if args.suite else ([] if (tasks or ppl) else _csv(DEFAULT_SUITES))
+    suites = load_suites(suite_names)
+    specs = select_specs(suites, tasks, ppl)
+    if args.limit is not None and args.limit <= 0:
+        raise UserError("--limit must be positive")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    bs = str(args.batch_size)
+    if bs != "auto" and not (bs.isdigit() and int(bs) > 0):
+        raise UserError(f"--batch-size must be auto or a positive integer (got {args.batch_size})")
+    if args.seqlen is not None and args.seqlen < 16:
+        raise UserError("--seqlen must be at least 16")
+    if args.data_dir is not None:
+        from pathlib import Path
+
+        if not Path(args.data_dir).expanduser().is_dir():
+            raise UserError(f"--data-dir {args.data_dir} does not exist; create it with "
+                            f"`llmprune eval --export-data {args.data_dir} --suite ...` on a connected machine")
+    settings = Settings(seqlen=args.seqlen or 2048, max_length=args.seqlen or 2048, batch_size=args.batch_size,
+                        limit=limit, ppl_data=ppl, data_dir=args.data_dir, include_path=list(args.include_path),
+                        seed=args.eval_seed, apply_chat_template=args.apply_chat_template,
+                        progress=not args.quiet)
+    return suites, specs, settings
+
+
+def load_for_eval(args: argparse.Namespace, settings):
+    """Load model + tokenizer, place the model, and fix seqlen / max_length against the model."""
+    from llmprune.errors import UserError
+    from llmprune.io.load import load_model, load_tokenizer, resolve_device, resolve_model_path
+
+    device = resolve_device(args.device)
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    model.to(device)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if args.seqlen is None and max_pos:
+        settings.seqlen = settings.max_length = min(2048, int(max_pos))
+    elif args.seqlen is not None and max_pos and args.seqlen > max_pos:
+        raise UserError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings ({max_pos}); "
+                        f"use --seqlen {max_pos} or less")
+    return model, tokenizer, path
+
+
+def sidecar_sparsity(path: str) -> dict:
+    """target/method/pattern from an llmprune output's llmprune.json (empty when there is none)."""
+    import json
+    from pathlib import Path
+
+    side = Path(path) / "llmprune.json"
+    if not side.is_file():
+        return {}
+    try:
+        data = json.loads(side.read_text())
+    except json.JSONDecodeError:
+        return {}
+    sp = data.get("sparsity") or {}
+    stages = ((data.get("recipe") or {}).get("stages") or [{}])
+    return {"target": sp.get("target"), "pattern": sp.get("pattern"), "method": stages[-1].get("method"),
+            "source": str(side)}
+
+
+def task_table(results: dict) -> str:
+    base = (results.get("baseline") or {}).get("tasks", {})
+    lines = [f"{'suite':<14} {'task':<26} {'metric':<30} {'value':>10}" + (f" {'retained%':>10}" if base else "")]
+    for name, t in results["tasks"].items():
+        v = t["value"]
+        vs = "n/a" if v is None else (f"{v:.4g}" if abs(v) >= 10 else f"{v:.4f}")
+        row = f"{t['suite']:<14} {name:<26} {str(t['metric']):<30} {vs:>10}"
+        if base:
+            r = (base.get(name) or {}).get("retained")
+            row += f" {'n/a' if r is None else f'{r:.1f}':>10}"
+        lines.append(row)
+    lines.append(f"achieved sparsity {results['sparsity']['achieved']:.2%} over {results['sparsity']['modules']} matrices")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from llmprune.errors import UserError
+    from llmprune.io.save import check_output_dir, output_dir
+
+    suites, specs, settings = parse_eval_args(args)
+    if args.export_data:
+        from llmprune.eval.harness import export_data
+
+        if args.model:
+            raise UserError("--export-data downloads task data only; drop MODEL (or drop --export-data to evaluate)")
+        with output_dir(args.export_data, args.overwrite) as tmp:
+            manifest = export_data(specs, tmp, args.include_path, progress=not args.quiet)
+        print(f"exported {len(manifest['tasks'])} task(s) and {len(manifest['perplexity'])} perplexity text(s) "
+              f"to {args.export_data}; "
+              f"offline, pass --data-dir {args.export_data}")
+        return 0
+    if not args.model:
+        raise UserError("give MODEL (a Hub id, a local directory or llmprune-tiny), or --export-data DIR")
+    if not args.output:
+        raise UserError("give --output RESULTS_DIR")
+    check_output_dir(args.output, args.overwrite)
+    dense = dense_items = None
+    if args.baseline:
+        from llmprune.eval.harness import read_items, read_results
+
+        dense = read_results(args.baseline)
+        dense_items = read_items(args.baseline)
+
+    from llmprune.eval import harness
+
+    model, tokenizer, path = load_for_eval(args, settings)
+    ctx = harness.prepare(model, tokenizer, suites, specs, settings)
+    try:
+        run_ = harness.evaluate(ctx, model, tokenizer, model_name=args.model,
+                                extra={"sparsity": sidecar_sparsity(path), "model": {"path": path}})
+    finally:
+        ctx.close()
+    if dense is not None:
+        from llmprune.eval.report import baseline_block
+
+        run_.results["baseline"] = baseline_block(dense, run_.results, dense_items, run_.items)
+        for warning in run_.results["baseline"]["warnings"]:
+            print(f"llmprune: warning: {warning}", file=sys.stderr)
+    with output_dir(args.output, args.overwrite) as tmp:
+        harness.write_results(tmp, run_)
+    print(task_table(run_.results))
+    print(f"wrote {Path(args.output) / 'results.json'}")
+    return 0
