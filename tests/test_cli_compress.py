@@ -180,7 +180,8 @@ def test_existing_output_untouched_and_subprocess_has_no_traceback(workspace, tm
     out.mkdir()
     (out / "mine.txt").write_text("precious")
     proc = subprocess.run([sys.executable, "-m", "llmprune", "compress", str(workspace / "model"), "--method",
-                           "wanda", "--sparsity", "0.5", "--output", str(out)], capture_output=True, text=True)
+                           "wanda", "--sparsity", "0.5", "--output", str(out)], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"llmprune: error: output directory {out.resolve()} already exists; "
                                                 "pass --overwrite to replace it"]

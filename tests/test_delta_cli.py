@@ -398,7 +398,7 @@ def test_peak_memory_stays_bounded_as_model_grows(tmp_path):
         write_streaming_test_model(root, layers)
         # one thread: on shared, oversubscribed cores OpenMP spin-waiting makes elementwise ops ~10x slower
         proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(root)], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=root)
         assert proc.returncode == 0, proc.stderr[-2000:]
         increase[layers] = json.loads(proc.stdout.strip().splitlines()[-1])["increase"]
     layer_bytes = (4 * HIDDEN * HIDDEN + 3 * INTER * HIDDEN) * 4

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -540,7 +541,7 @@ def _run_cli(args: list[str], endpoint: str, token: str | None = TOKEN, tmp_home
         env["HF_TOKEN"] = token
     env.update(extra_env or {})
     proc = subprocess.run([sys.executable, "-m", "llmprune", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=120, cwd=tempfile.gettempdir())
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -9,6 +9,7 @@ interpreter mode.
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_kernels_compile_for_hopper_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(CUOBJDUMP)], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, cwd=tempfile.gettempdir())
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     gemv, mm = stats["gemv"], stats["mm"]
