@@ -203,3 +203,22 @@ def test_embedded_model_to_packed_sparse24(tmp_path):
     ids = tok("import os\n", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
     assert (EMBEDDED_MODELS["llmprune-tiny"] / "model.safetensors").is_file()
+
+
+def test_missing_parent_directories_are_created_and_removed_on_failure(workspace, tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    assert compress(workspace, out, "--method", "magnitude", "--sparsity", "0.5") == 0
+    assert (out / "llmprune.json").is_file()
+    bad = tmp_path / "c" / "d" / "out"
+    assert compress(workspace, bad, "--method", "magnitude", "--sparsity", "0.5", "--targets", "zzz") == 2
+    assert not (tmp_path / "c").exists()
+
+
+def test_output_dir_failure_leaves_nothing(tmp_path):
+    from llmprune.io.save import output_dir
+
+    with pytest.raises(RuntimeError):
+        with output_dir(tmp_path / "x" / "y" / "out") as tmp:
+            (tmp / "half-written.safetensors").write_bytes(b"0" * 10)
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []

@@ -33,11 +33,11 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
         raise UserError(f"output directory {target} already exists; pass --overwrite to replace it")
     if target.exists() and not target.is_dir():
         raise UserError(f"output path {target} exists and is not a directory")
-    parent = target.parent
-    if not parent.exists():
-        raise UserError(f"parent directory {parent} of the output does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write to {parent}; choose another --output")
+    ancestor = target.parent        # missing parents are created later, so check the first existing one
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise UserError(f"cannot write to {ancestor}; choose another --output")
     return target
 
 
@@ -45,11 +45,15 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 def output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` when the block exits without error."""
     target = check_output_dir(path, overwrite)
+    created = [p for p in reversed(target.parents) if not p.exists()]   # outermost first
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:                 # leave no empty parents behind either
+            shutil.rmtree(created[0], ignore_errors=True)
         raise
     # Re-check: the target may have appeared while we worked.
     if target.exists() and not overwrite:
