@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from llmprune.commands import add_model_args
+
 
 def register(sub) -> None:
     p = sub.add_parser("compress", help="prune a model (magnitude, Wanda, SparseGPT; uniform or OWL)",
@@ -25,18 +27,13 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     p.add_argument("--targets", default=None, help="regex of module names to prune (default: all decoder linears)")
     p.add_argument("--ignore", default=None, help="regex of module names to leave dense")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from MODEL's repo")
+    add_model_args(p)
     p.add_argument("--save-format", choices=("dense", "sparse24"), default="dense",
                    help="dense: plain HF safetensors with zeros (default); sparse24: packed 2:4 (load with "
                         "llmprune.load_pretrained)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the output to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 

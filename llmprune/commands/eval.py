@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llmprune.commands import add_model_args
+
 DEFAULT_SUITES = "lm,probes"
 
 
@@ -29,12 +31,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="directory of extra lm-eval task YAMLs (repeatable)")
     p.add_argument("--apply-chat-template", action="store_true", help="format prompts with the model's chat template")
     p.add_argument("--eval-seed", type=int, default=0, help="lm-eval seeds (few-shot sampling); default 0")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--revision", default=None, help="Hub revision of MODEL")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from MODEL's repo")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_args(p)
 
 
 def register(sub) -> None:
