@@ -17,7 +17,7 @@ from llmprune.allocation import global_magnitude_sparsities, owl_layer_sparsitie
 from llmprune.arch import (TargetSelector, decoder_layers, get_module, head_targets, layer_linears, prunable_linears,
                            set_weight_2d, spec_for, weight_2d)
 from llmprune.calibration.data import calibration_windows, describe_source, load_texts
-from llmprune.calibration.engine import capture_layer_inputs, layerwise
+from llmprune.calibration.engine import LayerStep, capture_layer_inputs, layerwise
 from llmprune.calibration.observers import LayerObserver
 from llmprune.errors import UserError
 from llmprune.masks import Pattern, sparsity_of
@@ -214,9 +214,9 @@ def _run_stage(model, tokenizer, stage: Stage, calib_ids, device, report: Compre
         captured = capture_layer_inputs(model, calib_ids, batch_size)
         layer_sparsity = _owl_sparsities(model, captured, stage, selector, device, spec.layers, progress)
         report.layer_sparsity.update({k: round(v, 6) for k, v in layer_sparsity.items()})
-        for name in targets:
-            layer_name = name[: len(spec.layers) + 1 + name[len(spec.layers) + 1:].index(".")]
-            module_pattern[name] = Pattern(sparsity=layer_sparsity[layer_name])
+        for name in targets:   # "model.layers.3.mlp.up_proj" -> its layer "model.layers.3"
+            layer_index = name[len(spec.layers) + 1:].split(".", 1)[0]
+            module_pattern[name] = Pattern(sparsity=layer_sparsity[f"{spec.layers}.{layer_index}"])
 
     def prune_layer(step) -> None:
         linears = {n: m for n, m in layer_linears(step.layer, step.name).items() if n in targets}
@@ -239,11 +239,7 @@ def _run_stage(model, tokenizer, stage: Stage, calib_ids, device, report: Compre
             layerwise(model, captured, device, spec.layers, prune_layer, bar)
         else:   # data-free: no forward passes at all
             for i, layer in enumerate(decoder_layers(model)):
-                class _Step:  # the same interface prune_layer expects
-                    pass
-                s = _Step()
-                s.layer, s.name, s.forward_all = layer, f"{spec.layers}.{i}", None
-                prune_layer(s)
+                prune_layer(LayerStep(index=i, name=f"{spec.layers}.{i}", layer=layer, forward_all=None))
                 bar.update(1)
             captured = None
 
