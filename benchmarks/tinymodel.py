@@ -142,20 +142,10 @@ def heldout_perplexity(model, tokenizer, texts: Sequence[str], seqlen: int, batc
     if n == 0:
         raise ValueError(f"only {stream.numel()} tokens of held-out text for seqlen {seqlen}")
     windows = stream[: n * seqlen].view(n, seqlen)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total_nll = 0.0
-    for i in range(0, n, batch_size):
-        batch = windows[i: i + batch_size].to(device)
-        logits = model(input_ids=batch).logits.float()  # [b, seqlen, vocab]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="none",
-        ).view(batch.size(0), -1).mean(dim=1)  # per-window mean NLL, as the references compute it
-        total_nll += nll.sum().item()
-    if was_training:
-        model.train()
-    return math.exp(total_nll / n)
+    # Equal-length windows: the mean of per-window means is the token mean that llmprune eval uses.
+    from llmprune.eval.ppl import perplexity_of_windows
+
+    return perplexity_of_windows(model, windows, batch_size=batch_size).ppl
 
 
 def unigram_perplexity(train_tokens: torch.Tensor, test_tokens: torch.Tensor, vocab_size: int) -> float:
