@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from llmprune.calibration.data import calibration_windows, check_source, describe_source, load_texts
+    from llmprune.calibration.data import check_source
     from llmprune.commands.eval import load_for_eval, parse_eval_args
     from llmprune.errors import UserError
     from llmprune.eval import harness
@@ -121,11 +121,12 @@ def run(args: argparse.Namespace) -> int:
     import llmprune
 
     model, tokenizer, path = load_for_eval(args, settings)
-    calib_ids = None
+    calib = None
     if calib_cfg is not None:
         # One set of calibration windows for every level, so levels differ only in sparsity.
-        texts = load_texts(calib_cfg.data, split="train")
-        calib_ids = calibration_windows(tokenizer, texts, calib_cfg.samples, calib_cfg.seqlen, calib_cfg.seed)
+        from llmprune.api import calibration_set
+
+        calib = calibration_set(model.config, tokenizer, next(iter(recipes.values())))
     dense = snapshot(model)
     ctx = harness.prepare(model, tokenizer, suites, specs, settings)
     try:
@@ -138,12 +139,9 @@ def run(args: argparse.Namespace) -> int:
                 comp = None
                 if level != 0:
                     print(f"== {name}: pruning with {args.method} at {level}", flush=True)
-                    _, comp = llmprune.compress(model, tokenizer, recipes[str(level)], calib=calib_ids,
+                    _, comp = llmprune.compress(model, tokenizer, recipes[str(level)], calib=calib,
                                                 device=args.device, progress=not args.quiet)
                     side = comp.sidecar()
-                    if calib_cfg is not None:
-                        side["calibration"] = {**(side.get("calibration") or {}),
-                                               "source": describe_source(calib_cfg.data)}
                     extra["sparsity"] = {"target": level, "method": args.method,
                                          "pattern": side["sparsity"]["pattern"]}
                 else:
