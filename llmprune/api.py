@@ -20,6 +20,7 @@ from llmprune.calibration.data import calibration_windows, describe_source, load
 from llmprune.calibration.engine import LayerStep, capture_layer_inputs, layerwise
 from llmprune.calibration.observers import LayerObserver
 from llmprune.errors import UserError
+from llmprune.io.load import resolve_device
 from llmprune.masks import Pattern, sparsity_of
 from llmprune.methods import LinearStats, MethodSpec, get_method
 from llmprune.recipe import Recipe, Stage, load_recipe
@@ -91,12 +92,6 @@ class CompressReport:
         lines.append(f"wall time {self.wall_time_s:.1f}s · peak CPU RSS {mem.get('cpu_rss_bytes', 0) / 2**30:.2f} GiB"
                      + (f" · peak CUDA {mem['cuda_bytes'] / 2**30:.2f} GiB" if mem.get("cuda_bytes") else ""))
         return "\n".join(lines)
-
-
-def resolve_device(device: str) -> str:
-    from llmprune.io.load import resolve_device as _resolve
-
-    return _resolve(device)
 
 
 @dataclass
