@@ -2,7 +2,7 @@
 of benchmarks/compress_bench.py's side-by-side; the mirror of llmc_run.py):
 
     .venv/bin/python benchmarks/llmprune_run.py --model DIR --calib windows.pt \
-        --method {magnitude,wanda,sparsegpt} --pattern {0.5,2:4,4:8} --output DIR
+        --method {magnitude,wanda,sparsegpt} --pattern {0.5,2:4,4:8} --output DIR [--true-sequential]
 
 It does what `llmprune compress` does (load, compress through the Python API, save through
 llmprune.io.save with the sidecar), but reads the token windows from the same `.pt` file that
@@ -24,6 +24,7 @@ def main() -> int:
     parser.add_argument("--pattern", required=True, help="0.5 (unstructured) or N:M")
     parser.add_argument("--output", required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False)
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -37,7 +38,10 @@ def main() -> int:
     model = load_model(args.model, dtype="auto")
     tokenizer = load_tokenizer(args.model)
     t_load = time.perf_counter()
-    recipe = {"stages": [{"method": args.method, "sparsity": args.pattern}],
+    stage = {"method": args.method, "sparsity": args.pattern}
+    if args.method != "magnitude":
+        stage["true_sequential"] = args.true_sequential
+    recipe = {"stages": [stage],
               "calibration": {"data": "stdlib", "samples": windows.shape[0], "seqlen": windows.shape[1]}}
     model, report = llmprune.compress(model, tokenizer, recipe, calib=windows, device=args.device, progress=False)
     t_prune = time.perf_counter()

@@ -250,6 +250,12 @@ STDLIB_LLAMA = dict(vocab_size=2048, hidden=256, layers=4, heads=8, kv_heads=4, 
                     tie_embeddings=False)
 
 
+# The compression benchmark's model: ~5x the compute per token of STDLIB_LLAMA, so that a whole
+# process is dominated by pruning rather than by Python/transformers start-up (~4 s per process).
+COMPRESS_BENCH_LLAMA = dict(STDLIB_LLAMA, hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1408,
+                            steps=800, max_wall_s=1500.0)
+
+
 def get_trained_llama(name: str = "stdlib-llama", **overrides) -> Path:
     """Train (or reuse from benchmarks/_cache/<name>) a small Llama on stdlib train; returns its
     `save_pretrained` directory (model + tokenizer). Prints the held-out perplexity."""

@@ -5,6 +5,7 @@ loads a fresh copy from disk, so the input checkpoint is never touched).
 """
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from dataclasses import dataclass, field
@@ -164,8 +165,9 @@ def _owl_sparsities(model, captured, stage: Stage, selector, device, prefix, pro
         if not linears:
             ratios.append(float("nan"))
             return
-        with LayerObserver(linears, {"input_sq_norm"}) as obs:
-            s.forward_all(before_batch=obs.new_batch)
+        obs = LayerObserver(linears, {"input_sq_norm"})
+        with obs.hooked(stop_early=True):
+            s.forward_all(obs)
         ratios.append(owl_outlier_ratio([weight_2d(m) for m in linears.values()],
                                         [obs.stats[n].input_sq_norm for n in linears], stage.owl_m))
 
@@ -174,6 +176,39 @@ def _owl_sparsities(model, captured, stage: Stage, selector, device, prefix, pro
     valid = [r for r in ratios if r == r]
     per_layer = iter(owl_layer_sparsities(valid, stage.pattern.sparsity, stage.owl_lambda))
     return {f"{prefix}.{i}": next(per_layer) for i, r in enumerate(ratios) if r == r}
+
+
+def _default_schedule(model, method: MethodSpec, calib_ids, device: str) -> tuple[bool, str | None]:
+    """The method's default schedule, unless true-sequential would not fit: it keeps every calibration
+    batch's activations of one layer alive at once, so fall back to two passes if that estimate
+    exceeds half of the free memory of the compute device."""
+    if not method.true_sequential or calib_ids is None:
+        return False, None
+    layer = decoder_layers(model)[0]
+    hidden = model.get_input_embeddings().weight.shape[1]
+    per_token = 2 * hidden + sum(weight_2d(m).shape[0] for m in layer_linears(layer, "").values())
+    itemsize = next(layer.parameters()).element_size()
+    need = calib_ids.numel() * per_token * itemsize
+    free = free_memory_bytes(device)
+    if free is None or need <= free / 2:
+        return True, None
+    return False, (f"two-pass calibration: true-sequential would hold ~{need / 2**30:.1f} GiB of activations per "
+                   f"layer and {device} has {free / 2**30:.1f} GiB free (force it with true_sequential: true / "
+                   f"--true-sequential, or use fewer calibration tokens)")
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """Free memory of the compute device: CUDA free memory, or the host's MemAvailable."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def check_recipe(model, recipe: Recipe) -> None:
@@ -195,6 +230,10 @@ def _run_stage(model, tokenizer, stage: Stage, calib_ids, device, report: Compre
     _check_targets(stage, targets, heads, method, where)
     pattern = stage.pattern
     batch_size = report.recipe.calibration.batch_size
+    if method.needs and stage.true_sequential is None:     # record the resolved schedule in the recipe as run
+        stage.true_sequential, note = _default_schedule(model, method, calib_ids, device)
+        if note:
+            report.notes.append(f"{where}: {note}")
 
     # Per-matrix pattern: uniform, OWL per layer, or global magnitude.
     module_pattern: dict[str, Pattern] = {name: pattern for name in targets}
@@ -217,14 +256,26 @@ def _run_stage(model, tokenizer, stage: Stage, calib_ids, device, report: Compre
         linears = {n: m for n, m in layer_linears(step.layer, step.name).items() if n in targets}
         if not linears:
             return
-        stats: dict[str, LinearStats] = {}
-        if method.needs:
-            with LayerObserver(linears, method.needs) as obs:
-                step.forward_all(before_batch=obs.new_batch)
-            stats = obs.stats
-        for name, module in linears.items():
-            _prune_module(name, module, stats.get(name), module_pattern[name], method, stage.params, device, report)
-            stats.pop(name, None)
+
+        def prune(name: str, stats: LinearStats | None) -> None:
+            if method.needs and stats is None:
+                raise UserError(f"{where}: {name} received no input during calibration, so {stage.method} has no "
+                                f"statistics for it; exclude it with --ignore")
+            _prune_module(name, linears[name], stats, module_pattern[name], method, stage.params, device, report)
+
+        if not method.needs:
+            for name in linears:
+                prune(name, None)
+            return
+        obs = LayerObserver(linears, method.needs)
+        if stage.true_sequential:
+            step.forward_lockstep(obs, prune)     # prunes every linear and propagates, in one pass
+            return
+        with obs.hooked(stop_early=True):
+            step.forward_all(obs)
+        obs.seal_all()
+        for name in linears:
+            prune(name, obs.stats.pop(name, None))
 
     n_layers = len(decoder_layers(model))
     desc = f"{stage.method} {pattern}" + (" (owl)" if stage.allocation == "owl" else "")
@@ -234,7 +285,7 @@ def _run_stage(model, tokenizer, stage: Stage, calib_ids, device, report: Compre
             layerwise(model, captured, device, spec.layers, prune_layer, bar)
         else:   # data-free: no forward passes at all
             for i, layer in enumerate(decoder_layers(model)):
-                prune_layer(LayerStep(index=i, name=f"{spec.layers}.{i}", layer=layer, forward_all=None))
+                prune_layer(LayerStep(index=i, name=f"{spec.layers}.{i}", layer=layer))
                 bar.update(1)
             captured = None
 
@@ -251,11 +302,14 @@ def _head_stats(model, head: nn.Module, captured, needs, device) -> LinearStats:
     norm = get_module(model, spec_for(model).final_norm)
     norm_device = next(norm.parameters()).device
     head_device = weight_2d(head).device
-    with LayerObserver({"head": head}, needs) as obs:
-        for hidden in captured.hidden:
-            obs.new_batch()
+    obs = LayerObserver({"head": head}, needs)
+    with obs.hooked():
+        for b, hidden in enumerate(captured.hidden):
+            obs.start_batch(b)
             x = norm(hidden.to(norm_device))
             head(x.to(head_device))
+            obs.end_batch(b)
+    obs.seal_all()
     return obs.stats["head"]
 
 
@@ -267,7 +321,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: Recipe | dict | str = "wa
     .txt/.jsonl/.parquet path), a LongTensor [n_samples, seqlen] of token ids, or a CalibrationSet.
     """
     t0 = time.perf_counter()
-    recipe = load_recipe(recipe)
+    recipe = copy.deepcopy(load_recipe(recipe))     # the report's copy records defaults resolved while running
     spec_for(model)                                   # unsupported family -> clear error now
     device = resolve_device(device)
     if device.startswith("cuda"):

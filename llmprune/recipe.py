@@ -6,6 +6,7 @@
       - method: wanda
         sparsity: 0.5          # or "2:4" (N zeros per M inputs)
         allocation: uniform    # uniform | owl | global (global: magnitude only)
+        true_sequential: auto  # true | false | omitted = the method's default (sparsegpt: true, if memory allows)
         # owl_m: 5, owl_lambda: 0.08, min_density: 0.05, targets: REGEX, ignore: REGEX,
         # plus the method's own parameters (e.g. sparsegpt: block_size, dampening)
 
@@ -25,7 +26,8 @@ from llmprune.errors import UserError
 from llmprune.masks import Pattern, parse_pattern
 
 ALLOCATIONS = ("uniform", "owl", "global")
-STAGE_KEYS = ("method", "sparsity", "allocation", "owl_m", "owl_lambda", "min_density", "targets", "ignore")
+STAGE_KEYS = ("method", "sparsity", "allocation", "owl_m", "owl_lambda", "min_density", "targets", "ignore",
+              "true_sequential")
 CALIB_KEYS = ("data", "samples", "seqlen", "seed", "batch_size")
 TOP_KEYS = ("name", "description", "calibration", "stages")
 
@@ -60,6 +62,12 @@ class Stage:
     min_density: float = 0.0    # global allocation: every matrix keeps at least this fraction
     targets: str | None = None
     ignore: str | None = None
+    # Calibration schedule inside a decoder layer. False: statistics of every linear come from the
+    # dense layer, then one more pass propagates the pruned outputs (reference Wanda/SparseGPT).
+    # True: [q,k,v] -> [o] -> [gate,up] -> [down] are pruned one after another, each calibrated on
+    # the outputs of the already-pruned ones (SparseGPT's --true-sequential), in a single pass.
+    # None: the method's default, if a layer's calibration activations fit in memory (api.py).
+    true_sequential: bool | None = None
     params: dict = field(default_factory=dict)
 
     @property
@@ -84,6 +92,11 @@ class Stage:
                 raise UserError(f"{where}: '{key}' must be a number, got {value!r}")
         if self.owl_m <= 0 or not (0 <= self.owl_lambda < 1):
             raise UserError(f"{where}: need owl_m > 0 and 0 <= owl_lambda < 1")
+        if self.true_sequential is not None and not isinstance(self.true_sequential, bool):
+            raise UserError(f"{where}: 'true_sequential' must be true or false, got {self.true_sequential!r}")
+        if self.true_sequential is not None and not spec.needs:
+            raise UserError(f"{where}: 'true_sequential' is a calibration schedule; method {self.method} "
+                            f"uses no calibration data")
         if not (0 <= self.min_density < 1):
             raise UserError(f"{where}: min_density must be in [0, 1)")
         if self.allocation == "global" and self.min_density > 1 - pattern.sparsity:
@@ -101,6 +114,8 @@ class Stage:
         for key in ("targets", "ignore"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.true_sequential is not None:
+            out["true_sequential"] = self.true_sequential
         out.update(self.params)
         return out
 

@@ -151,6 +151,8 @@ BAD_INPUTS = {
     "embeddings with wanda": (["compress", "{model}", "--method", "wanda", "--sparsity", "0.5", "--targets",
                                "embed_tokens"], "magnitude"),
     "unsupported arch": (["compress", "{ws}/bert", "--method", "wanda", "--sparsity", "0.5"], "not supported"),
+    "true-sequential without data": (["compress", "{model}", "--method", "magnitude", "--sparsity", "0.5",
+                                      "--true-sequential"], "no calibration data"),
 }
 
 
@@ -222,3 +224,16 @@ def test_output_dir_failure_leaves_nothing(tmp_path):
             (tmp / "half-written.safetensors").write_bytes(b"0" * 10)
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_as_run_records_the_resolved_schedule(workspace, tmp_path):
+    import yaml
+
+    for flags, expected in ((["--method", "sparsegpt", "--sparsity", "2:4"], True),
+                            (["--method", "sparsegpt", "--sparsity", "2:4", "--no-true-sequential"], False),
+                            (["--method", "wanda", "--sparsity", "0.5"], False),
+                            (["--method", "wanda", "--sparsity", "0.5", "--true-sequential"], True)):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        assert compress(workspace, out, *flags) == 0
+        stage = yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]
+        assert stage["true_sequential"] is expected, flags

@@ -41,7 +41,7 @@ def test_every_family_prunes_exactly_and_generates(arch):
     model = tiny_model(arch)
     head_before = model.get_output_embeddings().weight.detach().clone()
     embed_before = model.get_input_embeddings().weight.detach().clone()
-    model, report = run(model, {"method": "sparsegpt", "sparsity": "2:4"})
+    model, report = run(model, {"method": "sparsegpt", "sparsity": "2:4", "true_sequential": False})
     linears = prunable_linears(model)
     assert set(report.modules) == set(linears) and linears
     for name, module in linears.items():
@@ -150,26 +150,28 @@ def test_multi_stage_recipe():
     assert {r.target for n, r in report.modules.items() if "mlp" in n} == {"2:4"}
 
 
-def test_calibration_uses_pruned_outputs_of_earlier_layers():
-    """Layer 1 must see layer 0's *pruned* outputs: its Hessian differs from a dense-model one."""
-    seen = {}
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_calibration_uses_pruned_outputs_of_earlier_layers(true_sequential):
+    """Layer 1 must see layer 0's *pruned* outputs: its statistics differ from a dense-model one."""
+    seen = []
     from llmprune.calibration import observers
 
-    orig = observers.LayerObserver.__exit__
+    orig = observers.LayerObserver.seal
 
-    def spy(self, *exc):
-        for name, stats in self.stats.items():
-            if "layers.1.self_attn.q_proj" in name and stats.input_sq_norm is not None:
-                seen.setdefault("norms", []).append(stats.input_sq_norm.clone())
-        return orig(self, *exc)
+    def spy(self, stats):
+        if not self.is_sealed(stats) and any("layers.1.self_attn.q_proj" in name and s is stats
+                                             for name, s in self.stats.items()):
+            seen.append(stats.input_sq_norm.clone())
+        return orig(self, stats)
 
-    observers.LayerObserver.__exit__ = spy
+    observers.LayerObserver.seal = spy
     try:
-        run(tiny_model("llama"), {"method": "wanda", "sparsity": 0.9})
-        run(tiny_model("llama"), {"method": "wanda", "sparsity": 0.9, "targets": "layers\\.1\\."})
+        stage = {"method": "wanda", "sparsity": 0.9, "true_sequential": true_sequential}
+        run(tiny_model("llama"), stage)
+        run(tiny_model("llama"), {**stage, "targets": "layers\\.1\\."})
     finally:
-        observers.LayerObserver.__exit__ = orig
-    pruned_upstream, dense_upstream = seen["norms"]
+        observers.LayerObserver.seal = orig
+    pruned_upstream, dense_upstream = seen
     assert not torch.allclose(pruned_upstream, dense_upstream)
 
 

@@ -1,51 +1,99 @@
-"""Forward hooks that accumulate per-linear input statistics during calibration.
+"""Per-linear input statistics, accumulated from the inputs the linears receive during calibration.
 
 Linears fed by the *same* input tensor (q/k/v; gate/up) share one `LinearStats`, so a layer's
-Hessians cost one `XᵀX` per distinct input rather than one per linear.
+Hessians cost one `XᵀX` per distinct input rather than one per linear. `XᵀX` is symmetric, so only
+its upper block triangle is accumulated (about half the flops of a full GEMM); `seal()` mirrors it
+into the full matrix once all batches are in, before any method reads it.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from llmprune.methods import LinearStats
 
+GRAM_BLOCK = 512   # column block of the triangular XᵀX; big enough that each GEMM runs at full speed
+
+
+class StopLayer(Exception):
+    """Raised from a hook when the rest of the layer's forward feeds no statistic."""
+
+
+def accumulate_gram_upper(hessian: torch.Tensor, x: torch.Tensor) -> None:
+    """hessian [in, in] += the upper block triangle (diagonal blocks whole) of xᵀx, x [tokens, in]."""
+    cols = x.shape[1]
+    for start in range(0, cols, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, cols)
+        hessian[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:])
+
+
+def mirror_upper(hessian: torch.Tensor) -> None:
+    """Copy the strict upper block triangle onto the lower one (in place)."""
+    cols = hessian.shape[0]
+    for start in range(0, cols, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, cols)
+        hessian[stop:, start:stop] = hessian[start:stop, stop:].t()
+
 
 class LayerObserver:
-    """Context manager: hooks `linears` ({name: module}) and fills `stats` ({name: LinearStats}).
+    """Statistics of the inputs of `linears` ({name: module}) over calibration batches.
 
-    `needs` is a subset of {"input_sq_norm", "hessian"}; nothing else is computed.
-    Call `new_batch()` before each forward so input sharing is detected per forward call.
+    `needs` is a subset of {"input_sq_norm", "hessian"}; nothing else is computed. Batches are
+    told apart by `start_batch(b)` (input sharing is detected within one batch's forward), so
+    batches may also be interleaved, as in the engine's true-sequential lockstep.
     """
 
     def __init__(self, linears: dict[str, nn.Module], needs: frozenset[str] | set[str]):
         self.linears = linears
         self.needs = frozenset(needs)
         self.stats: dict[str, LinearStats] = {}
-        self._handles: list = []
-        self._seen: list[tuple[torch.Tensor, LinearStats]] = []   # inputs of this forward (kept alive)
-        self._done: set[int] = set()                             # id(stats) accumulated this forward
+        self.batch = 0
+        self._seen: dict[int, list[tuple[torch.Tensor, LinearStats]]] = {}  # per batch; keeps inputs alive
+        self._done: dict[int, set[int]] = {}       # per batch: id(stats) already accumulated
+        self._sealed: set[int] = set()             # id(stats) whose accumulation is finished
+        self._calls = 0                            # hooked calls in the current batch
+        self.calls_per_batch: int | None = None    # learned from the first complete batch
 
-    def __enter__(self) -> "LayerObserver":
-        if self.needs:
-            for name, module in self.linears.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
+    # ---- batches -------------------------------------------------------------------------------
+    def start_batch(self, batch: int) -> None:
+        self.batch = batch
+        self._seen.setdefault(batch, [])
+        self._done.setdefault(batch, set())
+        self._calls = 0
 
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._seen.clear()
+    def end_batch(self, batch: int) -> None:
+        if self.calls_per_batch is None:
+            self.calls_per_batch = self._calls
+        self._seen.pop(batch, None)
+        self._done.pop(batch, None)
 
-    def new_batch(self) -> None:
-        self._seen.clear()
-        self._done.clear()
+    # ---- accumulation ----------------------------------------------------------------------------
+    def observe(self, name: str, x: torch.Tensor) -> LinearStats:
+        """Account for `x`, the input of linear `name` in the current batch; return its stats."""
+        x = x.detach()
+        stats = self._shared_stats(name, x)
+        self._seen[self.batch].append((x, stats))
+        done = self._done[self.batch]
+        if id(stats) in done or id(stats) in self._sealed:
+            return stats
+        done.add(id(stats))
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)          # [tokens, in]
+        stats.n_tokens += x2.shape[0]
+        if "input_sq_norm" in self.needs:
+            sq = (x2 * x2).sum(0)                                    # [in]
+            stats.input_sq_norm = sq if stats.input_sq_norm is None else stats.input_sq_norm.add_(sq)
+        if "hessian" in self.needs:
+            if stats.hessian is None:
+                stats.hessian = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
+            accumulate_gram_upper(stats.hessian, x2)                 # [in, in] += XᵀX (upper half)
+        return stats
 
     def _shared_stats(self, name: str, x: torch.Tensor) -> LinearStats:
         if name in self.stats:
             return self.stats[name]
-        for seen_x, stats in self._seen:      # same tensor as another linear's input?
+        for seen_x, stats in self._seen[self.batch]:      # same tensor as another linear's input?
             if seen_x is x or (seen_x.data_ptr() == x.data_ptr() and seen_x.shape == x.shape
                                and seen_x.stride() == x.stride()):
                 self.stats[name] = stats
@@ -53,24 +101,41 @@ class LayerObserver:
         self.stats[name] = LinearStats()
         return self.stats[name]
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output) -> None:
-            x = args[0].detach()
-            stats = self._shared_stats(name, x)
-            self._seen.append((x, stats))
-            if id(stats) in self._done:
-                return
-            self._done.add(id(stats))
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)        # [tokens, in]
-            stats.n_tokens += x2.shape[0]
-            if "input_sq_norm" in self.needs:
-                sq = (x2 * x2).sum(0)                                  # [in]
-                stats.input_sq_norm = sq if stats.input_sq_norm is None else stats.input_sq_norm.add_(sq)
-            if "hessian" in self.needs:
-                if stats.hessian is None:
-                    stats.hessian = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
-                stats.hessian.addmm_(x2.t(), x2)                       # [in, in] += XᵀX
-        return hook
+    def seal(self, stats: LinearStats) -> None:
+        """No more inputs for `stats`: complete the symmetric Hessian."""
+        if id(stats) in self._sealed:
+            return
+        self._sealed.add(id(stats))
+        if stats.hessian is not None:
+            mirror_upper(stats.hessian)
+
+    def is_sealed(self, stats: LinearStats) -> bool:
+        return id(stats) in self._sealed
+
+    def seal_all(self) -> None:
+        for stats in self.stats.values():
+            self.seal(stats)
 
     def groups(self) -> int:
         return len({id(s) for s in self.stats.values()})
+
+    # ---- hooks (the two-pass schedule) -----------------------------------------------------------
+    @contextmanager
+    def hooked(self, stop_early: bool = False):
+        """Forward pre-hooks on every linear that call `observe`. With `stop_early`, once the first
+        batch has shown how many hooked calls a forward makes, later batches raise `StopLayer`
+        right after the last one: the rest of the layer (e.g. down_proj's GEMM) feeds no statistic."""
+        def hook_for(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                self._calls += 1
+                self.observe(name, args[0])
+                if stop_early and self._calls == self.calls_per_batch:
+                    raise StopLayer
+            return hook
+
+        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in self.linears.items()] if self.needs else []
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()

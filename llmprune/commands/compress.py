@@ -25,6 +25,11 @@ def register(sub) -> None:
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
     p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune the linears of each layer one after another, each calibrated on the already-pruned "
+                        "ones' outputs, in one forward pass per layer (SparseGPT's --true-sequential: faster, but "
+                        "holds a layer's activations for all calibration tokens at once). Default: on for "
+                        "sparsegpt when that fits in half the free memory, off for wanda (the reference schedule)")
     p.add_argument("--targets", default=None, help="regex of module names to prune (default: all decoder linears)")
     p.add_argument("--ignore", default=None, help="regex of module names to leave dense")
     add_model_args(p)
@@ -43,7 +48,8 @@ def build_recipe(args: argparse.Namespace):
 
     calib = {"data": args.calib_data, "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed}
     stage_flags = {"allocation": args.allocation, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda,
-                   "min_density": args.min_density, "targets": args.targets, "ignore": args.ignore}
+                   "min_density": args.min_density, "targets": args.targets, "ignore": args.ignore,
+                   "true_sequential": args.true_sequential}
     if args.recipe:
         if args.method or args.sparsity:
             raise UserError("give either --recipe or --method/--sparsity, not both")
@@ -128,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         packed = write_checkpoint(model, tokenizer, tmp, args.save_format)
         if packed is not None:
             sidecar["pack"] = packed
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        (tmp / "recipe.yaml").write_text(report.recipe.to_yaml())   # as run: defaults resolved
         sidecar["wall_time_s"] = round(time.perf_counter() - t0, 3)
         from llmprune.io.save import write_sidecar
 

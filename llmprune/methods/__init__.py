@@ -28,6 +28,9 @@ class LinearStats:
     n_tokens: int = 0
     input_sq_norm: torch.Tensor | None = None   # [in]      sum_t x_tj^2   (Wanda)
     hessian: torch.Tensor | None = None         # [in, in]  sum_t x_t x_t^T (SparseGPT; H up to scale)
+    # What a method derives from these statistics alone (e.g. SparseGPT's inverse Hessian factor),
+    # memoised here: linears that share an input (q/k/v, gate/up) share one LinearStats.
+    derived: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class MethodSpec:
     needs: frozenset[str]                       # subset of {"input_sq_norm", "hessian"}
     params: dict[str, inspect.Parameter] = field(default_factory=dict)
     summary: str = ""
+    true_sequential: bool = False               # default calibration schedule (see recipe.Stage)
 
     def check_params(self, given: dict, where: str, common_keys: tuple[str, ...] = ()) -> dict:
         """Validate recipe parameters against the function signature; coerce simple types."""
@@ -58,12 +62,14 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, needs: set[str] | frozenset[str] = frozenset(), summary: str = ""):
+def register(name: str, needs: set[str] | frozenset[str] = frozenset(), summary: str = "",
+             true_sequential: bool = False):
     def wrap(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
         params = {p.name: p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         METHODS[name] = MethodSpec(name=name, fn=fn, needs=frozenset(needs), params=params,
-                                   summary=summary or (fn.__doc__ or "").strip().splitlines()[0])
+                                   summary=summary or (fn.__doc__ or "").strip().splitlines()[0],
+                                   true_sequential=true_sequential)
         return fn
     return wrap
 
