@@ -7,8 +7,12 @@ side-by-side with llm-compressor 0.14 on the same model and the same calibration
     .venv/bin/python benchmarks/compress_bench.py --results-md benchmarks/RESULTS.md   # also write tables
 
 What is measured
-- Model: `tinymodel.get_trained_llama()` (4-layer Llama, hidden 256, GQA 8/4, trained on the
-  stdlib train split; cached in benchmarks/_cache/).
+- Model (`--model`): `20m` (default) is `get_trained_llama("stdlib-llama-20m", **COMPRESS_BENCH_LLAMA)`,
+  a 6-layer Llama, hidden 512, MLP 1408, GQA 8/4, 19.8M parameters, big enough that a whole
+  process is mostly pruning rather than the ~4 s of Python/torch/transformers start-up and teardown
+  every process pays. `4m` is `get_trained_llama()` (4 layers, hidden 256; better trained, so
+  pruning hurts it more visibly). Both are trained on the stdlib train split and cached in
+  benchmarks/_cache/.
 - Calibration: 128 windows x 256 tokens of stdlib train, seed 0 (`calibration_windows`, what
   `llmprune compress --calib-data stdlib --calib-samples 128 --calib-seqlen 256` draws), saved to
   benchmarks/_cache/bench/calib.pt and given to both tools.
@@ -17,6 +21,8 @@ What is measured
 - Time: for each tool, a fresh Python process that loads the saved model, reads calib.pt, prunes
   and saves (benchmarks/llmprune_run.py; benchmarks/llmc_run.py inside benchmarks/_cache/llmc-venv),
   timed from outside ("process s"); plus llmprune's own timing of `compress()` from its llmprune.json.
+  SparseGPT runs twice for llmprune: its default (true-sequential, one pass per layer) and
+  `--no-true-sequential` (the reference two-pass schedule, the one llm-compressor uses).
 - Per matrix: the method functions called directly on random weights with statistics from 4096
   random tokens (Hessian / squared input norms), the setting of ../shared/reference/toolkits.md §4.3.
 
@@ -43,13 +49,15 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from tinymodel import CACHE_DIR, encode_joined, get_trained_llama, heldout_perplexity  # noqa: E402
+from tinymodel import (CACHE_DIR, COMPRESS_BENCH_LLAMA, encode_joined, get_trained_llama,  # noqa: E402
+                       heldout_perplexity)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("0.5", "4:8", "2:4")
 LLMC_PYTHON = CACHE_DIR / "llmc-venv" / "bin" / "python"
 WORK = CACHE_DIR / "bench"
-MARK_START, MARK_END = "<!-- compress_bench:start -->", "<!-- compress_bench:end -->"
+MODELS = {"20m": ("stdlib-llama-20m", COMPRESS_BENCH_LLAMA), "4m": ("stdlib-llama", {})}
+TWO_PASS = "llmprune-two-pass"   # llmprune with --no-true-sequential
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -102,12 +110,16 @@ def bench_processes(model_dir: Path, calib_path: Path, tokenizer, test_tokens, s
                     with_llmc: bool, device: str) -> dict:
     """Whole-process runs of both tools on the same saved model and calib.pt; perplexity of the outputs."""
     results = {}
-    tools = [("llmprune", [sys.executable, str(HERE / "llmprune_run.py"), "--device", device], "LLMPRUNE_RESULT")]
+    ours = [sys.executable, str(HERE / "llmprune_run.py"), "--device", device]
+    tools = [("llmprune", ours, "LLMPRUNE_RESULT"),
+             (TWO_PASS, ours + ["--no-true-sequential"], "LLMPRUNE_RESULT")]
     if with_llmc:
         tools.append(("llm-compressor", [str(LLMC_PYTHON), str(HERE / "llmc_run.py")], "LLMC_RESULT"))
     for method in methods:
         for pattern in patterns:
             for tool, prefix, tag in tools:
+                if tool == TWO_PASS and method != "sparsegpt":   # wanda's default already is two-pass
+                    continue
                 out = WORK / f"{tool}-{method}-{pattern.replace(':', 'of')}"
                 if out.exists():
                     shutil.rmtree(out)
@@ -126,7 +138,7 @@ def bench_processes(model_dir: Path, calib_path: Path, tokenizer, test_tokens, s
                 results[(tool, method, pattern)] = entry
                 shown = (f"ppl {entry['ppl']:9.3f}  sparsity {entry['sparsity']:.4f}  lm_head {entry['head']:.2f}"
                          if "ppl" in entry else f"FAILED: {entry.get('error')}")
-                print(f"  {tool:14s} {method:9s} {pattern:4s}  process {seconds:6.1f}s  {shown}", flush=True)
+                print(f"  {tool:18s} {method:9s} {pattern:4s}  process {seconds:6.1f}s  {shown}", flush=True)
     return results
 
 
@@ -169,6 +181,7 @@ def bench_matrices(shapes, n_tokens: int, device: str, patterns=("0.5", "2:4")) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="20m")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--calib-samples", type=int, default=128)
@@ -189,7 +202,9 @@ def main() -> int:
 
     from llmprune.calibration.data import calibration_windows, stdlib_texts
 
-    model_dir = get_trained_llama()
+    model_name, overrides = MODELS[args.model]
+    model_dir = get_trained_llama(model_name, **overrides)
+    mark_start, mark_end = f"<!-- compress_bench:{args.model}:start -->", f"<!-- compress_bench:{args.model}:end -->"
     meta = json.loads((model_dir / "train_meta.json").read_text())
     seqlen = meta["seqlen"]
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -236,10 +251,14 @@ def main() -> int:
 
     # ---- tables
     rows = [["dense", "-", f"{dense_ppl:.3f}", "-", "-", "-"] + (["-", "-", "-"] if with_llmc else [])]
-    for method in methods:
+    variants = [(tool, method) for method in methods
+                for tool in (["llmprune", TWO_PASS] if method == "sparsegpt" else ["llmprune"])]
+    for tool, method in variants:
         for pattern in patterns:
-            ours = procs.get(("llmprune", method, pattern), {})
-            row = [method, pattern, f"{ours['ppl']:.3f}" if "ppl" in ours else f"failed: {ours.get('error')}",
+            ours = procs.get((tool, method, pattern), {})
+            label = method + (" (two-pass)" if tool == TWO_PASS else
+                              " (true-seq.)" if ours.get("true_sequential") else "")
+            row = [label, pattern, f"{ours['ppl']:.3f}" if "ppl" in ours else f"failed: {ours.get('error')}",
                    f"{ours['sparsity']:.4f}" if "sparsity" in ours else "-",
                    f"{ours['compress_s']:.2f}" if "compress_s" in ours else "-", f"{ours.get('process_s', 0):.1f}"]
             if with_llmc:
@@ -271,16 +290,16 @@ def main() -> int:
     if args.results_md:
         command = "`.venv/bin/python benchmarks/compress_bench.py " + " ".join(sys.argv[1:]) + "`"
         section = "\n\n".join(x for x in [
-            MARK_START, "## Compression core (issue 2): `benchmarks/compress_bench.py`", f"Command: {command}", env,
-            f"### Held-out perplexity (stdlib test, seqlen {seqlen}) and time, side by side with llm-compressor "
+            mark_start, f"### Model `{model_name}`", f"Command: {command}", env,
+            f"#### Held-out perplexity (stdlib test, seqlen {seqlen}) and time, side by side with llm-compressor "
             f"0.14.0.1\n\n'compress() s' is llmprune's own timing of `llmprune.compress()`; 'process s' is a whole "
             f"process per tool (start Python, load the saved model, prune on the same calib.pt, save); "
             f"speedup = llm-compressor process s / llmprune process s.\n\n{side}",
-            f"### Per-matrix time (random weights, statistics from 4096 random tokens)\n\n{matrix}" if matrix else "",
-            MARK_END] if x)
+            f"#### Per-matrix time (random weights, statistics from 4096 random tokens)\n\n{matrix}" if matrix else "",
+            mark_end] if x)
         text = args.results_md.read_text() if args.results_md.is_file() else "# Benchmark results\n"
-        if MARK_START in text and MARK_END in text:
-            text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda m: section, text, flags=re.S)
+        if mark_start in text and mark_end in text:
+            text = re.sub(re.escape(mark_start) + ".*?" + re.escape(mark_end), lambda m: section, text, flags=re.S)
         else:
             text = text.rstrip("\n") + "\n\n" + section + "\n"
         args.results_md.write_text(text)

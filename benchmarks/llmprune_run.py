@@ -24,7 +24,8 @@ def main() -> int:
     parser.add_argument("--pattern", required=True, help="0.5 (unstructured) or N:M")
     parser.add_argument("--output", required=True)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the method's own (sparsegpt: true-sequential, wanda: two-pass)")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -39,7 +40,7 @@ def main() -> int:
     tokenizer = load_tokenizer(args.model)
     t_load = time.perf_counter()
     stage = {"method": args.method, "sparsity": args.pattern}
-    if args.method != "magnitude":
+    if args.true_sequential is not None:
         stage["true_sequential"] = args.true_sequential
     recipe = {"stages": [stage],
               "calibration": {"data": "stdlib", "samples": windows.shape[0], "seqlen": windows.shape[1]}}
@@ -49,6 +50,7 @@ def main() -> int:
         save_model(model, tokenizer, tmp)
         write_sidecar(tmp, {"kind": "compress", **report.sidecar()})
     result = {"ok": True, "achieved": report.sparsity, "load_s": t_load - t0, "compress_s": t_prune - t_load,
+              "true_sequential": report.recipe.stages[0].true_sequential,
               "seconds": time.perf_counter() - t0}
     print("LLMPRUNE_RESULT " + json.dumps(result))
     return 0

@@ -90,7 +90,10 @@ class CompressReport:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         mem = self.peak_memory
-        lines.append(f"wall time {self.wall_time_s:.1f}s · peak CPU RSS {mem.get('cpu_rss_bytes', 0) / 2**30:.2f} GiB"
+        schedules = {"true-sequential" if s.true_sequential else "two-pass"
+                     for s in self.recipe.stages if s.true_sequential is not None}
+        lines.append(f"wall time {self.wall_time_s:.1f}s" + "".join(f" · {x}" for x in sorted(schedules))
+                     + f" · peak CPU RSS {mem.get('cpu_rss_bytes', 0) / 2**30:.2f} GiB"
                      + (f" · peak CUDA {mem['cuda_bytes'] / 2**30:.2f} GiB" if mem.get("cuda_bytes") else ""))
         return "\n".join(lines)
 
