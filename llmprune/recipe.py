@@ -6,7 +6,7 @@
       - method: wanda
         sparsity: 0.5          # or "2:4" (N zeros per M inputs)
         allocation: uniform    # uniform | owl | global (global: magnitude only)
-        true_sequential: auto  # true | false | omitted = the method's default (sparsegpt: true, if memory allows)
+        # true_sequential: true | false; omitted = the method's default (sparsegpt: true if memory allows)
         # owl_m: 5, owl_lambda: 0.08, min_density: 0.05, targets: REGEX, ignore: REGEX,
         # plus the method's own parameters (e.g. sparsegpt: block_size, dampening)
 

@@ -21,13 +21,9 @@ import torch
 from torch import nn
 
 from llmprune.arch import decoder_layers
-from llmprune.calibration.observers import LayerObserver, StopLayer
+from llmprune.calibration.observers import LayerObserver, StopForward
 from llmprune.errors import UserError
 from llmprune.methods import LinearStats
-
-
-class _StopForward(Exception):
-    pass
 
 
 @dataclass
@@ -73,7 +69,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
             kwargs = {k: v for k, v in kwargs.items() if k not in ("use_cache", "output_attentions")}
             current.append(LayerCall(args=tuple(args[1:]), kwargs=kwargs))
             if index == n_layers - 1:
-                raise _StopForward
+                raise StopForward
             return hidden_states
         return forward
 
@@ -87,7 +83,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
             batch = input_ids[start:start + batch_size].to(embed_device)
             try:
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             if len(current) != n_layers:
                 raise RuntimeError(f"captured {len(current)} of {n_layers} decoder layer calls")
@@ -125,7 +121,7 @@ class LayerStep:
                 observer.start_batch(b)
             try:
                 run_layer(self.layer, hidden_states, self.calls[b], self.device)
-            except StopLayer:
+            except StopForward:
                 pass
             if observer is not None:
                 observer.end_batch(b)

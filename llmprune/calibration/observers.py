@@ -17,8 +17,9 @@ from llmprune.methods import LinearStats
 GRAM_BLOCK = 512   # column block of the triangular XᵀX; big enough that each GEMM runs at full speed
 
 
-class StopLayer(Exception):
-    """Raised from a hook when the rest of the layer's forward feeds no statistic."""
+class StopForward(Exception):
+    """Raised from a hook (or the engine's input recorder) when the rest of a forward is not needed;
+    whoever started that forward catches it."""
 
 
 def accumulate_gram_upper(hessian: torch.Tensor, x: torch.Tensor) -> None:
@@ -123,14 +124,14 @@ class LayerObserver:
     @contextmanager
     def hooked(self, stop_early: bool = False):
         """Forward pre-hooks on every linear that call `observe`. With `stop_early`, once the first
-        batch has shown how many hooked calls a forward makes, later batches raise `StopLayer`
+        batch has shown how many hooked calls a forward makes, later batches raise `StopForward`
         right after the last one: the rest of the layer (e.g. down_proj's GEMM) feeds no statistic."""
         def hook_for(name: str):
             def hook(module: nn.Module, args: tuple) -> None:
                 self._calls += 1
                 self.observe(name, args[0])
                 if stop_early and self._calls == self.calls_per_batch:
-                    raise StopLayer
+                    raise StopForward
             return hook
 
         handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in self.linears.items()] if self.needs else []
