@@ -96,6 +96,13 @@ def _code_lines(split: str) -> list[tuple[str, list[str]]]:
 
 def nextline_tasks(task_dir: Path, rng: random.Random, n: int = 200, context: int = 6) -> None:
     """Next-line multiple choice (train and held-out files) and held-out line completion."""
+    def draw(files) -> tuple[list[str], int]:
+        """A random file with more than `context` + 1 lines and a line index with `context` lines before it."""
+        while True:
+            _, lines = rng.choice(files)
+            if len(lines) > context + 1:
+                return lines, rng.randrange(context, len(lines))
+
     def good(line: str) -> bool:
         return 12 <= len(line.strip()) <= 80 and not line.strip().startswith("#")
 
@@ -104,10 +111,7 @@ def nextline_tasks(task_dir: Path, rng: random.Random, n: int = 200, context: in
         pool = [l for _, lines in files for l in lines if good(l)]
         rows = []
         while len(rows) < n:
-            _, lines = rng.choice(files)
-            if len(lines) <= context + 1:
-                continue
-            i = rng.randrange(context, len(lines))
+            lines, i = draw(files)
             if not good(lines[i]) or sum(not l.strip() for l in lines[i - context:i]) > 2:
                 continue
             wrong = [l for l in rng.sample(pool, 6) if l.strip() != lines[i].strip()][:3]
@@ -140,10 +144,7 @@ metadata:
     files = _code_lines("test")
     rows = []
     while len(rows) < n:
-        _, lines = rng.choice(files)
-        if len(lines) <= context + 1:
-            continue
-        i = rng.randrange(context, len(lines))
+        lines, i = draw(files)
         line = lines[i]
         if not good(line):
             continue
