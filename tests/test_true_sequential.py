@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import llmprune
-from llmprune.api import _prune_module
-from llmprune.arch import decoder_layers, layer_linears, prunable_linears, spec_for, weight_2d
+from llmprune.arch import decoder_layers, layer_linears, prunable_linears, set_weight_2d, spec_for, weight_2d
 from llmprune.calibration.engine import capture_layer_inputs, run_layer
 from llmprune.calibration import observers
 from llmprune.calibration.observers import LayerObserver
@@ -30,7 +29,6 @@ LLAMA_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["
 def reference_true_sequential(model, ids, method_name, sparsity, batch_size=4):
     """Group by group, one full forward of the layer per group, then one more to propagate."""
     method, pattern = get_method(method_name), parse_pattern(sparsity)
-    report = llmprune.api.CompressReport(recipe=llmprune.recipe.load_recipe("wanda-50"))
     captured = capture_layer_inputs(model, ids, batch_size)
     for i, layer in enumerate(decoder_layers(model)):
         prefix = f"{spec_for(model).layers}.{i}"
@@ -45,7 +43,7 @@ def reference_true_sequential(model, ids, method_name, sparsity, batch_size=4):
                     obs.end_batch(b)
             obs.seal_all()
             for name, module in members.items():
-                _prune_module(name, module, obs.stats[name], pattern, method, {}, "cpu", report)
+                set_weight_2d(module, method.fn(weight_2d(module).float().clone(), obs.stats[name], pattern))
         for b, hidden in enumerate(captured.hidden):
             captured.hidden[b] = run_layer(layer, hidden, captured.calls[b][i], "cpu")
     return model
@@ -111,13 +109,13 @@ def test_lockstep_error_in_a_batch_surfaces_and_leaves_nothing_behind(monkeypatc
 
 
 def test_default_schedule_falls_back_to_two_passes_when_memory_is_short(monkeypatch):
-    from llmprune import api
+    from llmprune.calibration import engine
 
     run = lambda: llmprune.compress(tiny_model("llama"), None, {"stages": [{"method": "sparsegpt", "sparsity": 0.5}]},
                                     calib=calib_ids(8, 16), device="cpu", progress=False)[1]
     report = run()
     assert report.recipe.stages[0].true_sequential is True and not report.notes
-    monkeypatch.setattr(api, "free_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(engine, "free_memory_bytes", lambda device: 1000)
     report = run()
     assert report.recipe.stages[0].true_sequential is False
     assert any("two-pass calibration" in note for note in report.notes)

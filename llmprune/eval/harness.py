@@ -548,7 +548,7 @@ def evaluate(ctx: Context, model, tokenizer, model_name: str | None = None, extr
     from llmprune.calibration.data import describe_source
     from llmprune.eval import ppl as ppl_mod
     from llmprune.eval import probes
-    from llmprune.io.save import command_line, versions
+    from llmprune.io.sidecar import command_line, versions
 
     settings = ctx.settings
     tasks: dict[str, dict] = {}
@@ -685,7 +685,7 @@ def export_data(specs: list[TaskSpec], out_dir: Path, include_path: list[str] | 
 
     from tqdm.auto import tqdm
 
-    from llmprune.io.save import versions
+    from llmprune.io.sidecar import versions
 
     from llmprune.calibration.data import load_texts
     from llmprune.eval.ppl import protocol_for

@@ -5,25 +5,23 @@ temporary sibling of the target, which is renamed into place only when everythin
 A failure (or Ctrl-C) removes the temporary directory; an existing target is refused up front
 unless `overwrite=True`, and even then it is only replaced after the new one is complete.
 
-Sparsity and provenance go into `llmprune.json`, never into `config.json`'s
-`quantization_config` (vLLM >= 0.24 rejects checkpoints carrying a vestigial sparsity_config).
+Sparsity and provenance go into `llmprune.json` (`llmprune.io.sidecar`), never into
+`config.json`'s `quantization_config`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from llmprune.errors import UserError
 
-SIDECAR_NAME = "llmprune.json"
 RECIPE_NAME = "recipe.yaml"
+# The sidecar's reader/writer lives in llmprune.io.sidecar; these names stay importable from here.
+from llmprune.io.sidecar import SIDECAR_NAME, read_sidecar, write_json, write_sidecar  # noqa: E402,F401
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -66,66 +64,6 @@ def output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     os.rename(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that decide the numbers, for provenance."""
-    out = {"python": platform.python_version()}
-    for name in ("llmprune", "torch", "transformers", "accelerate", "datasets", "safetensors",
-                 "triton", "lm_eval", "huggingface_hub"):
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name.replace("_", "-") if name == "lm_eval" else name)
-        except Exception:  # not installed: leave it out rather than guess
-            continue
-    return out
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def write_sidecar(directory: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
-    """Write `llmprune.json`. `sidecar` must have at least `kind` (compress|delta|pack)."""
-    if "kind" not in sidecar:
-        raise ValueError("sidecar needs a 'kind'")
-    data = {"format_version": 1, **sidecar}
-    data.setdefault("versions", versions())
-    data.setdefault("command", command_line())
-    path = Path(directory) / SIDECAR_NAME
-    write_json(path, data)
-    return path
-
-
-def read_sidecar(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / SIDECAR_NAME
-    if not path.is_file():
-        raise UserError(f"{directory} is not an llmprune output (no {SIDECAR_NAME}); run `llmprune compress` or `llmprune delta` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-
-
-def command_line() -> str:
-    """The command as the user typed it (best effort), for 'how to reproduce'."""
-    argv = list(sys.argv)
-    if argv and argv[0].endswith(("llmprune", "__main__.py", "cli.py")):
-        argv[0] = "llmprune"
-    import shlex
-
-    return " ".join(shlex.quote(a) for a in argv)
 
 
 def save_model(model, tokenizer, directory: str | os.PathLike, max_shard_size: str = "5GB") -> None:
