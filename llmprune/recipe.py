@@ -19,6 +19,7 @@ Named recipes live in `recipes/` (installed as `llmprune.recipes`) and are found
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,25 @@ from llmprune.errors import UserError
 from llmprune.masks import Pattern, parse_pattern
 
 CALIB_KEYS = ("data", "samples", "seqlen", "seed", "batch_size")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `2:4` as the base-60 integer 124; in a recipe it is always an N:M pattern, so
+    scalars with a colon are never resolved as numbers here (the int/float resolvers lose their
+    base-60 forms)."""
+
+
+_BASE60_FREE = {
+    "tag:yaml.org,2002:int": r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$",
+    "tag:yaml.org,2002:float": (r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+}
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _BASE60_FREE]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _regexp in _BASE60_FREE.items():
+    _RecipeLoader.add_implicit_resolver(_tag, re.compile(_regexp), list("-+0123456789."))
+
 TOP_KEYS = ("name", "description", "calibration", "stages")
 
 
@@ -61,10 +81,14 @@ class Stage:
 
     @classmethod
     def build(cls, method: Any, params: dict, where: str) -> "Stage":
-        from llmprune.stages import validate_stage
+        from llmprune.stages import kind_for, validate_stage
 
         if not isinstance(method, str) or not method:
             raise UserError(f"{where}: 'method' must be a method name like wanda or width, got {method!r}")
+        try:
+            kind_for(method)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
         return cls(method=method, params=validate_stage(method, params, f"{where} ({method})"))
 
     @property
@@ -186,7 +210,7 @@ def load_recipe(name_or_path: str | Path | dict | Recipe) -> Recipe:
             raise UserError(f"recipe '{text}' is neither a file nor a named recipe ({', '.join(sorted(named))})")
         path = named[text]
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

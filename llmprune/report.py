@@ -81,7 +81,7 @@ class StageRecord:
             "index": self.index, "method": self.method, "kind": self.kind, "params": self.params,
             "target": self.target, "achieved": self.achieved, "removed": self.removed,
             "parameters": {"before": self.parameters_before, "after": self.parameters_after},
-            "zeros": {"before": self.zeros_before, "after": self.zeros_after,
+            "zeros": {"before": self.zeros_before, "after": self.zeros_after, "linear_elements": self.linear_elements,
                       "fraction_after": round(self.zeros_after / self.linear_elements, 6) if self.linear_elements else 0.0},
             "seconds": round(self.seconds, 3),
         }

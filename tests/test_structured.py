@@ -290,7 +290,7 @@ def test_unstructured_masks_survive_a_later_width_stage():
 
 @pytest.mark.parametrize("stage,match", [
     ({"method": "width"}, "give mlp_keep"),
-    ({"method": "width", "heads_keep": 0.3}, r"heads_keep 0.3 keeps 0.6 of 2 KV groups.*use heads_keep 0.5"),
+    ({"method": "width", "heads_keep": 0.3}, r"heads_keep 0.3 keeps 0.6 of 2 KV groups.*nearest valid value: heads_keep 0.5"),
     ({"method": "width", "mlp_keep": 0.01}, "rounds to 0"),
     ({"method": "width", "mlp_keep": 1.5}, "mlp_keep"),
     ({"method": "width", "mlp_keep": 0.5, "criterion": "bogus"}, "criterion"),
@@ -314,3 +314,83 @@ def test_gpt2_with_inverse_layer_scaling_refuses_layer_drop():
     with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx"):
         run(tiny_model("gpt2", n_layer=3, scale_attn_by_inverse_layer_idx=True),
             {"method": "layer-drop", "num_layers": 1})
+
+
+# ---- the CLI, the sidecar and the card, from real outputs -------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from tiny_models import sample_text, save_tiny
+
+    root = tmp_path_factory.mktemp("structured")
+    save_tiny(root / "model", "llama")
+    (root / "calib.txt").write_text(sample_text()[:60_000])
+    return root
+
+
+CALIB = ["--calib-data", "calib.txt", "--calib-samples", "6", "--calib-seqlen", "32", "--quiet"]
+
+
+def cli(root, *args):
+    import os
+
+    from llmprune.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return main(list(args))
+    finally:
+        os.chdir(cwd)
+
+
+def test_cli_recipe_layer_drop_width_wanda_writes_a_smaller_checkpoint_and_card(saved_model, capsys):
+    from llmprune.io.card import render_card
+    from llmprune.recipe import load_recipe
+
+    (saved_model / "recipe.yaml").write_text(
+        "stages:\n  - method: layer-drop\n    num_layers: 1\n  - method: width\n    mlp_keep: 0.5\n"
+        "    heads_keep: 0.5\n  - method: wanda\n    sparsity: '2:4'\n")
+    assert cli(saved_model, "compress", "model", "--recipe", "recipe.yaml", *CALIB, "--output", "out") == 0
+    summary = capsys.readouterr().out
+    assert "layer-drop" in summary and "mlp_neurons 128 -> 64 per layer" in summary
+    out = saved_model / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["intermediate_size"] == 64
+    assert config["num_key_value_heads"] == 1 and config["num_attention_heads"] == 2 and config["head_dim"] == 16
+    assert "quantization_config" not in config
+    sidecar = json.loads((out / "llmprune.json").read_text())
+    assert [s["method"] for s in sidecar["stages"]] == ["layer-drop", "width", "wanda"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert sidecar["parameters"]["after"] == sum(p.numel() for p in reloaded.parameters())
+    assert sidecar["parameters"]["before"] > sidecar["parameters"]["after"]
+    again = load_recipe(str(out / "recipe.yaml"))               # the recipe as run is a valid recipe
+    assert [s.method for s in again.stages] == ["layer-drop", "width", "wanda"]
+    card = render_card(out)
+    assert "## Stages" in card and "layer-drop 1 (bi) → width mlp 0.5 heads 0.5 → wanda 2:4" in card
+    assert "smaller plain checkpoint" in card and "structured-pruning" in card
+    assert "mixed" not in card
+
+
+def test_cli_owl_card_shows_numeric_targets(saved_model):
+    from llmprune.io.card import render_card
+
+    assert cli(saved_model, "compress", "model", "--method", "wanda", "--sparsity", "0.6", "--allocation", "owl",
+               *CALIB, "--output", "owl") == 0
+    card = render_card(saved_model / "owl")
+    sparsity = card[card.index("## Sparsity"):]
+    assert "mixed" not in sparsity and "60.00%" in sparsity
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--method", "width", "--sparsity", "0.5"], "--sparsity is for pruning methods"),
+    (["--method", "wanda", "--sparsity", "0.5", "--mlp-keep", "0.5"], "--mlp-keep does not apply to --method wanda"),
+    (["--method", "width", "--heads-keep", "0.3"], "nearest valid value: heads_keep 0.5"),
+    (["--method", "layer-drop", "--num-layers", "5"], "cannot remove 5 of 2 layers"),
+    (["--method", "wanda"], "needs --sparsity"),
+])
+def test_cli_bad_structured_input_is_one_line_and_writes_nothing(saved_model, capsys, args, match):
+    assert cli(saved_model, "compress", "model", *args, *CALIB, "--output", "bad") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err
+    assert not (saved_model / "bad").exists()

@@ -69,11 +69,24 @@ def _hub_texts(repo: str, name: str | None, split: str, data_files: dict | None)
     return [t for t in ds["text"]]
 
 
+def check_is_text(path: Path, text: str) -> None:
+    """Refuse binary or mis-encoded files: random bytes make token windows that calibrate nothing."""
+    sample = text[:200_000]
+    if not sample:
+        return
+    bad = sum(1 for c in sample if c == "\ufffd" or (c < " " and c not in "\n\r\t\f\v"))
+    if bad / len(sample) > 0.01:
+        raise UserError(f"{path} does not look like text ({bad / len(sample):.0%} of its characters are not valid "
+                        f"UTF-8 or are control bytes); give a UTF-8 text file")
+
+
 def read_local_texts(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            return [path.read_text(encoding="utf-8", errors="replace")]
+            text = path.read_text(encoding="utf-8", errors="replace")
+            check_is_text(path, text)
+            return [text]
         if suffix == ".jsonl":
             texts = []
             with path.open(encoding="utf-8") as fh:

@@ -110,21 +110,11 @@ def load_for_eval(args: argparse.Namespace, settings):
 
 
 def sidecar_sparsity(path: str) -> dict:
-    """target/method/pattern from an llmprune output's llmprune.json (empty when there is none)."""
-    import json
-    from pathlib import Path
+    """How an llmprune output was made (recipe label, target, pattern, parameters removed), from its
+    llmprune.json; empty for a model that is not an llmprune output."""
+    from llmprune.io.sidecar import eval_summary
 
-    side = Path(path) / "llmprune.json"
-    if not side.is_file():
-        return {}
-    try:
-        data = json.loads(side.read_text())
-    except json.JSONDecodeError:
-        return {}
-    sp = data.get("sparsity") or {}
-    stages = ((data.get("recipe") or {}).get("stages") or [{}])
-    return {"target": sp.get("target"), "pattern": sp.get("pattern"), "method": stages[-1].get("method"),
-            "source": str(side)}
+    return eval_summary(path)
 
 
 def task_table(results: dict) -> str:
@@ -138,7 +128,11 @@ def task_table(results: dict) -> str:
             r = (base.get(name) or {}).get("retained")
             row += f" {'n/a' if r is None else f'{r:.1f}':>10}"
         lines.append(row)
-    lines.append(f"achieved sparsity {results['sparsity']['achieved']:.2%} over {results['sparsity']['modules']} matrices")
+    sp = results["sparsity"]
+    lines.append(f"achieved sparsity {sp['achieved']:.2%} over {sp['modules']} matrices")
+    if sp.get("parameters"):
+        lines.append(f"parameters {sp['parameters']['after']:,} of {sp['parameters']['before']:,} "
+                     f"({sp['removed']:.2%} removed or zero) · {sp.get('recipe')}")
     return "\n".join(lines)
 
 

@@ -131,8 +131,11 @@ class Row:
 
 
 def run_sparsity(results: dict) -> float:
-    """The sparsity a run is plotted at: the target when known, else the achieved one."""
+    """The sparsity a run is plotted at: for structured runs the fraction of parameters removed or zero,
+    else the target when known, else the achieved one."""
     sp = results.get("sparsity") or {}
+    if isinstance(sp.get("removed"), (int, float)):
+        return float(sp["removed"])
     target = sp.get("target")
     if isinstance(target, (int, float)):
         return float(target)

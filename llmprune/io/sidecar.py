@@ -214,3 +214,34 @@ def parameters(sidecar: dict[str, Any]) -> dict[str, int] | None:
 def is_structured(sidecar: dict[str, Any]) -> bool:
     value = parameters(sidecar)
     return bool(value) and value["after"] != value["before"]
+
+
+def removed_fraction(sidecar: dict[str, Any]) -> float | None:
+    """Fraction of the base model's parameters that are gone or zero after all stages (structured
+    removal and zeros together), or None when the sidecar does not say."""
+    counts = parameters(sidecar)
+    records = stages(sidecar)
+    if not counts or not records:
+        return None
+    zeros = (records[-1].get("zeros") or {}).get("after")
+    if not isinstance(zeros, int):
+        return None
+    return round(1 - (counts["after"] - zeros) / counts["before"], 6)
+
+
+def eval_summary(directory: str | os.PathLike) -> dict[str, Any]:
+    """What `llmprune eval` records about how an llmprune output was made (empty for other models)."""
+    if not (Path(directory) / SIDECAR_NAME).is_file():
+        return {}
+    sidecar = read_sidecar(directory)
+    sparsity = sidecar.get("sparsity") if isinstance(sidecar.get("sparsity"), dict) else {}
+    records = stages(sidecar)
+    structured = is_structured(sidecar)
+    single_prune = len(records) == 1 and records[0].get("kind") == "prune"
+    out = {"target": sparsity.get("target"), "pattern": sparsity.get("pattern"),
+           "method": records[-1].get("method") if single_prune else describe(sidecar),
+           "recipe": describe(sidecar), "source": str(Path(directory) / SIDECAR_NAME)}
+    if structured:
+        out["parameters"] = parameters(sidecar)
+        out["removed"] = removed_fraction(sidecar)
+    return out

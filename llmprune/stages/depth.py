@@ -46,10 +46,9 @@ def layers_to_drop(num_layers_total: int, params: dict, where: str) -> int:
         if n < 1:
             raise UserError(f"{where}: layer_fraction {params['layer_fraction']} of {num_layers_total} layers "
                             f"removes none; use at least {1 / num_layers_total:.3f}")
-    available = num_layers_total - (1 if params.get("keep_first", True) else 0) - 1   # at least one layer stays
+    available = num_layers_total - 1          # at least one layer stays (layer 0, unless keep_first is off)
     if n > available:
-        raise UserError(f"{where}: cannot remove {n} of {num_layers_total} layers (at most {available}"
-                        f"{' with layer 0 kept' if params.get('keep_first', True) else ''})")
+        raise UserError(f"{where}: cannot remove {n} of {num_layers_total} layers (at most {available})")
     return n
 
 

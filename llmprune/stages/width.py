@@ -74,10 +74,12 @@ def kept_units(dims: Dims, fam: Family, group: str, keep: float, round_to: int, 
     kept = int(round(exact))
     unit = "KV groups (each with its query heads)" if dims.kv_heads != dims.heads else "heads"
     if abs(exact - kept) > 1e-6 or not (1 <= kept < total):
+        if total < 2:
+            raise UserError(f"{where}: the model has a single {unit[:-1]}; nothing can be removed")
         options = sorted({max(1, min(total - 1, int(exact))), max(1, min(total - 1, int(exact) + 1))})
         nearest = " or ".join(f"{o / total:g}" for o in options)
-        raise UserError(f"{where}: heads_keep {keep} keeps {exact:g} of {total} {unit}; it must keep a whole "
-                        f"number between 1 and {total - 1}: use heads_keep {nearest}")
+        raise UserError(f"{where}: heads_keep {keep} keeps {exact:g} of {total} {unit}, not a whole number "
+                        f"from 1 to {total - 1}; the nearest valid value: heads_keep {nearest}")
     return kept
 
 
