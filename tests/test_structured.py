@@ -13,7 +13,7 @@ from llmprune.calibration.engine import capture_layer_inputs, run_layer
 from llmprune.calibration.observers import LayerObserver
 from llmprune.edits import mask_units, rewrite_group_config, slice_units, verify_config
 from llmprune.errors import UserError
-from llmprune.stages.width import refit_output, unit_scores
+from llmprune.stages.width import obs_keep, refit_output, unit_scores
 from tiny_models import ARCH_CONFIGS, VOCAB, tiny_model
 
 ARCHS = list(ARCH_CONFIGS)
@@ -181,7 +181,10 @@ def _layer_output_error(criterion: str, reconstruct: bool) -> float:
                 obs.end_batch(b)
         obs.seal_all()
         stats = obs.stats["down"]
-        keep = torch.topk(unit_scores(layer, fam, dims, "mlp", criterion, stats, 0), 128).indices.sort().values
+        if criterion == "obs":
+            keep, _ = obs_keep(layer.mlp.down_proj, fam, dims, "mlp", stats, 128)
+        else:
+            keep = torch.topk(unit_scores(layer, fam, dims, "mlp", criterion, stats, 0), 128).indices.sort().values
         if reconstruct:
             refit_output(layer.mlp.down_proj, fam, dims, "mlp", keep, stats, None)
         mask_units(layer, fam, dims, "mlp", keep)
@@ -197,6 +200,31 @@ def test_reconstruction_lowers_layer_output_error():
 def test_activation_criterion_beats_random_on_layer_output_error():
     assert _layer_output_error("activation", False) < _layer_output_error("random", False)
     assert _layer_output_error("activation", True) < _layer_output_error("random", True)
+
+
+def test_obs_criterion_gives_the_least_reconstructed_error():
+    """Structured OBS picks the units the refit can replace best: lower error than activation after refit."""
+    assert _layer_output_error("obs", True) < _layer_output_error("activation", True)
+
+
+def test_obs_with_one_round_matches_a_direct_group_obs_score():
+    """One round removes the units with the least tr(W_u [H⁻¹]_uu⁻¹ W_uᵀ), here computed by brute force as
+    the least-squares residual of removing each KV group alone."""
+    model = tiny_model("llama", num_key_value_heads=4)
+    fam, dims = spec_for(model), dims_of(model)
+    layer = decoder_layers(model)[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, dims.heads * dims.head_dim, generator=gen) @ torch.randn(64, 64, generator=gen)
+    stats = llmprune.methods.LinearStats(n_tokens=400, hessian=x.t() @ x)
+    keep, _ = obs_keep(layer.self_attn.o_proj, fam, dims, "attention", stats, 3, rounds=1, dampening=0.0)
+    w = layer.self_attn.o_proj.weight.detach().double()
+    xd = x.double()
+    errors = []
+    for g in range(4):
+        kept_cols = torch.tensor([c for c in range(64) if c // 16 != g])
+        fit = torch.linalg.lstsq(xd[:, kept_cols], xd @ w.t()).solution          # [k, out]
+        errors.append(((xd @ w.t() - xd[:, kept_cols] @ fit) ** 2).sum().item())
+    assert sorted(set(range(4)) - set(keep.tolist())) == [min(range(4), key=lambda g: errors[g])]
 
 
 def test_reconstruction_with_bias_fits_the_mean():

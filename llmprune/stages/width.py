@@ -13,6 +13,10 @@ Per decoder layer, in order attention -> MLP, calibrated true-sequentially when 
    - `maw` (MLP only; the peak-to-peak score of "Fragile Knowledge", optipfair):
      Σ over the unit's producer rows of (max_k W[r, k] + |min_k W[r, k]|);
    - `random`: a seeded permutation (the baseline);
+   - `obs` (beyond the anchors; structured Optimal Brain Surgeon, as in ZipLM / SlimGPT): remove units
+     greedily, in rounds, by the least increase of the output linear's reconstruction error when the
+     kept channels are re-fitted, ΔE_u = tr(W_u [H⁻¹]_uu⁻¹ W_uᵀ), updating W and H⁻¹ after each
+     round: it picks the units that reconstruction can replace best;
 2. keep the best units;
 3. `reconstruct` (default on): re-fit the output linear on the kept channels by least squares on
    the calibration activations, W' = W·H[:, K]·H[K, K]⁻¹ with H = Σ x xᵀ of its input, so the
@@ -39,8 +43,8 @@ from llmprune.params import Range
 from llmprune.report import StageRecord
 from llmprune.stages import StageContext, stage_kind
 
-Criterion = Literal["activation", "magnitude", "maw", "random"]
-DATA_CRITERIA = ("activation",)
+Criterion = Literal["activation", "obs", "magnitude", "maw", "random"]
+DATA_CRITERIA = ("activation", "obs")
 
 
 def _needs_calibration(params: dict) -> bool:
@@ -115,6 +119,8 @@ def width(ctx: StageContext, *,
     needs = set()
     if criterion == "activation":
         needs |= {"input_sq_norm"}
+    if criterion == "obs":
+        needs |= {"hessian"}
     if reconstruct:
         needs |= {"hessian", "input_sum"}
     keep_of: dict[int, dict[str, torch.Tensor]] = {}
@@ -122,8 +128,11 @@ def width(ctx: StageContext, *,
 
     def prune_group(step: LayerStep, group: str, stats: LinearStats | None) -> None:
         output = step.layer.get_submodule(fam.group(group).output)
-        scores = unit_scores(step.layer, fam, dims, group, criterion, stats, seed + step.index)
-        keep = torch.topk(scores, plan[group]).indices.sort().values
+        if criterion == "obs":
+            keep, scores = obs_keep(output, fam, dims, group, stats, plan[group])
+        else:
+            scores = unit_scores(step.layer, fam, dims, group, criterion, stats, seed + step.index)
+            keep = torch.topk(scores, plan[group]).indices.sort().values
         if reconstruct:
             refit_output(output, fam, dims, group, keep, stats, ctx.masks.get(output))
         mask_units(step.layer, fam, dims, group, keep)
@@ -180,6 +189,54 @@ def width(ctx: StageContext, *,
                        if g in plan}
     record.scores = {group: s for group, s in scores_of.items()}
     return record
+
+
+@torch.no_grad()
+def obs_keep(output: nn.Module, fam: Family, dims: Dims, group: str, stats: LinearStats, n_keep: int,
+             rounds: int = 16, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Structured OBS: (kept units, removal order score) for the output linear of `group`.
+
+    Removing units U with the kept weights re-fitted raises ‖WX − ŴX‖² by tr(W_U [H⁻¹]_UU⁻¹ W_Uᵀ)
+    (group OBS). Each round scores every remaining unit alone, removes the cheapest ones (the
+    remaining count split over `rounds`), and applies the optimal compensation to W and the
+    matching downdate to H⁻¹, so later rounds see what the earlier removals left. The returned
+    score is the round in which a unit was removed (kept units score highest), for the record.
+    """
+    weight = weight_2d(output).to(torch.float64)                              # [out, in]
+    _, cols = channel_map(fam, dims, group)[fam.group(group).output]          # [units, per]
+    hessian = stats.hessian.to(weight.device, torch.float64) / max(stats.n_tokens, 1)
+    dead = torch.diagonal(hessian) == 0
+    hessian[dead, dead] = 1.0
+    damp = dampening * torch.diagonal(hessian).mean()
+    hinv = torch.linalg.inv(hessian + damp * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device))
+    cols = cols.to(weight.device)
+    alive = torch.arange(cols.shape[0], device=weight.device)                 # unit ids still in
+    order = torch.full((cols.shape[0],), float(rounds), dtype=torch.float32)
+    position = torch.arange(hessian.shape[0], device=weight.device)           # channel -> row of the live H⁻¹
+    work = weight.clone()                                                     # [out, live channels]
+    for r in range(rounds):
+        to_remove = len(alive) - n_keep
+        if to_remove <= 0:
+            break
+        take = -(-to_remove // (rounds - r))                                  # ceil: spread over rounds left
+        index = position[cols[alive]]                                         # [alive, per] rows of H⁻¹
+        blocks = hinv[index.unsqueeze(2), index.unsqueeze(1)]                 # [alive, per, per]
+        w_u = work[:, index].permute(1, 2, 0)                                 # [alive, per, out]
+        cost = (torch.linalg.solve(blocks, w_u) * w_u).sum((1, 2))            # tr(W_u H_uu⁻¹ W_uᵀ) per unit
+        chosen = torch.topk(cost, take, largest=False).indices
+        drop = index[chosen].flatten()                                        # rows of H⁻¹ / cols of work
+        keep_rows = torch.ones(hinv.shape[0], dtype=torch.bool, device=hinv.device)
+        keep_rows[drop] = False
+        h_uu, h_ku = hinv[drop][:, drop], hinv[keep_rows][:, drop]            # [d, d], [k, d]
+        gain = torch.linalg.solve(h_uu, h_ku.t())                             # [d, k] = H_uu⁻¹ H_uk
+        work = work[:, keep_rows] - work[:, drop] @ gain                       # optimal compensation
+        hinv = hinv[keep_rows][:, keep_rows] - h_ku @ gain                    # H⁻¹ of the kept channels
+        remap = torch.cumsum(keep_rows.long(), 0) - 1                         # current row -> next row
+        remap[~keep_rows] = -1
+        position = torch.where(position >= 0, remap[position.clamp_min(0)], position)
+        order[alive[chosen].cpu()] = r
+        alive = alive[torch.isin(torch.arange(len(alive), device=alive.device), chosen, invert=True)]
+    return alive.sort().values.cpu(), order
 
 
 def unit_scores(layer: nn.Module, fam: Family, dims: Dims, group: str, criterion: str,
