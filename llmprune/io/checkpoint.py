@@ -325,6 +325,7 @@ class ShardWriter:
                  stem: str = "model", plan: list[tuple[str, tuple[int, ...], str]] | None = None,
                  metadata: dict[str, str] | None = None, positive_zero: bool = True):
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)   # as save_pretrained does
         self.max_bytes = parse_size(max_shard_size, "max shard size")
         self.stem = stem
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -635,6 +636,14 @@ def unmarked_config_dict(directory: str | os.PathLike) -> dict:
         if "original_auto_map" in record:
             config["auto_map"] = record["original_auto_map"]
     return config
+
+
+def check_local_weights(path: str | os.PathLike) -> None:
+    """Validate the safetensors headers of a local model directory (a damaged file is one line naming
+    it, before transformers reads it); directories with other weight formats are left to transformers."""
+    path = Path(path)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        CheckpointReader(path)
 
 
 def refuse_packed(path: str | os.PathLike, name: str | None = None) -> None:

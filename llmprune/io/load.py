@@ -113,10 +113,11 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
     """Load a causal LM on CPU (the engine moves one layer at a time to the compute device)."""
     from transformers import AutoModelForCausalLM
 
-    from llmprune.io.checkpoint import refuse_packed
+    from llmprune.io.checkpoint import check_local_weights, refuse_packed
 
     path = resolve_model_path(name)
     refuse_packed(path, name)
+    check_local_weights(path)                 # a truncated/corrupt shard: one line naming the file
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision,
