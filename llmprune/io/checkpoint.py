@@ -22,7 +22,7 @@ always gives the same files. Tensors are written as they arrive (peak memory: on
     writer after a finished unit of work and `ShardWriter.resume(dir, state)` continues from there,
     producing the same bytes as an uninterrupted run.
 Floating-point `-0.0` is written as `+0.0` (sparse loaders may read the sign bit as a non-zero,
-vLLM #13198); every other value, NaN payloads included, is written bit for bit.
+vLLM #13198) by writing x + 0.0, which leaves every other value unchanged.
 """
 from __future__ import annotations
 
@@ -277,8 +277,10 @@ def _header_bytes(metadata: dict[str, str], entries: dict[str, dict]) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def _byte_chunks(tensor, positive_zero: bool, chunk_bytes: int = 64 << 20):
-    """The tensor's raw little-endian bytes in chunks (one chunk of copy at a time), with -0.0 -> +0.0."""
+def _byte_chunks(tensor, positive_zero: bool, scratch: dict | None = None, chunk_bytes: int = 64 << 20):
+    """The tensor's raw little-endian bytes in chunks, with -0.0 -> +0.0. `scratch` ({dtype: buffer},
+    kept by the caller) is reused for the normalised copy: a fresh allocation per chunk costs more
+    (page faults) than the arithmetic."""
     import torch
 
     t = tensor.detach()
@@ -288,15 +290,21 @@ def _byte_chunks(tensor, positive_zero: bool, chunk_bytes: int = 64 << 20):
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     step = max(1, chunk_bytes // flat.element_size())
-    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    sign_only = torch.iinfo(ints).min  # the bit pattern of -0.0 in any IEEE-style format
+    scratch = {} if scratch is None else scratch
     for start in range(0, flat.numel(), step):
         chunk = flat[start:start + step].cpu()
         if positive_zero and chunk.is_floating_point():
-            bits = chunk.view(ints)
-            negative_zero = bits == sign_only
-            if bool(negative_zero.any()):
-                chunk = bits.masked_fill(negative_zero, 0).view(chunk.dtype)
+            buffer = scratch.get(chunk.dtype)
+            if buffer is None or buffer.numel() < chunk.numel():
+                buffer = scratch[chunk.dtype] = torch.empty(min(step, flat.numel()), dtype=chunk.dtype)
+            out = buffer[:chunk.numel()]
+            if chunk.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                torch.add(chunk, 0.0, out=out)   # x + 0.0: -0.0 -> +0.0, every other value unchanged
+            else:                                # float8: no CPU arithmetic; clear the -0.0 bit pattern
+                ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[chunk.element_size()]
+                bits = chunk.view(ints)
+                out.view(ints).copy_(bits.masked_fill(bits == torch.iinfo(ints).min, 0))
+            chunk = out
         yield memoryview(chunk.view(torch.uint8).numpy())
 
 
@@ -336,6 +344,7 @@ class ShardWriter:
         self._offset = 0
         self._fh = None
         self._closed = False
+        self._scratch: dict = {}                # reused buffers for the -0.0 normalisation
         self._plan = None
         if plan is not None:
             names = [p[0] for p in plan]
@@ -379,7 +388,7 @@ class ShardWriter:
 
     def _write(self, tensor, path: Path, nbytes: int) -> None:
         try:
-            for chunk in _byte_chunks(tensor, self.positive_zero):
+            for chunk in _byte_chunks(tensor, self.positive_zero, self._scratch):
                 self._fh.write(chunk)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -460,6 +469,7 @@ class ShardWriter:
             for k, name in enumerate(files):
                 os.replace(self._shard_tmp(k), self.directory / name)
         self._closed = True
+        self._scratch.clear()
         if len(files) > 1:
             weight_map = {t: f for f, names in zip(files, self.finished) for t in names}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
@@ -469,6 +479,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close any open file (the caller removes its temporary output directory)."""
+        self._scratch.clear()
         if self._fh is not None:
             self._fh.close()
             self._fh = None
