@@ -37,7 +37,8 @@ def sample_tensors():
     a = torch.randn(10, 7)
     a[0, :3] = -0.0                                            # must be written as +0.0
     return {"a": a, "b": torch.randn(300).to(torch.bfloat16), "c": torch.arange(5), "mask": torch.rand(9) > 0.5,
-            "d": torch.tensor(-0.0), "e": torch.randn(64, 64).half(), "nan": torch.tensor([float("nan"), float("inf"), -1e-40]),
+            "d": torch.tensor(-0.0), "e": torch.randn(64, 64).half(),
+            "nan": torch.tensor([float("nan"), float("inf"), -1e-40]),
             "big": torch.randn(400), "f8": torch.randn(16).to(torch.float8_e4m3fn),
             "t": torch.randn(8, 12).t()}                       # not contiguous
 

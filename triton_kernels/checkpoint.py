@@ -323,7 +323,8 @@ def unpack_sparse24(directory: str | os.PathLike, output: str | os.PathLike,
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise UserError(f"{directory}: packed tensor {name} matches no module of {model.config.model_type}") from None
+            raise UserError(f"{directory}: packed tensor {name} matches no module of "
+                            f"{model.config.model_type}") from None
         if type(module).__name__ == "Conv1D":
             transposed.add(name)
     plan, jobs = [], []

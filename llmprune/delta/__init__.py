@@ -5,8 +5,9 @@
 
 Both stream tensor by tensor from safetensors shards (peak memory: a few tensors), write
 through `llmprune.io.save.output_dir` (atomic) and leave a `llmprune.json` of kind "delta".
-Modules: `streaming` (delta file helpers over `llmprune.io.checkpoint`), `sparsify` (per-tensor rules), `merge` (linear / TIES),
-`darex` (q search), `pipeline` (the run), `apply` (sparse delta artifact and rebuild).
+Modules: `streaming` (delta file helpers over `llmprune.io.checkpoint`), `sparsify` (per-tensor
+rules), `merge` (linear / TIES), `darex` (q search), `pipeline` (the run), `apply` (sparse delta
+artifact and rebuild).
 """
 from __future__ import annotations
 

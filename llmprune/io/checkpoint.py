@@ -244,7 +244,8 @@ class CheckpointReader:
             with safe_open(str(info.shard), framework="pt", device=device) as fh:
                 return fh.get_tensor(name)
         except Exception as exc:  # SafetensorError and OSError: the file changed or is damaged
-            raise _corrupt(info.shard, f"reading {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _corrupt(info.shard, f"reading {name}: {detail}") from None
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shards)
@@ -382,7 +383,8 @@ class ShardWriter:
         if self._fh is None:
             self._fh = open(self._data_tmp(len(self.finished)), "wb")
         self._write(tensor, self._data_tmp(len(self.finished)), nbytes)
-        self._entries[name] = {"dtype": code, "shape": list(shape), "data_offsets": [self._offset, self._offset + nbytes]}
+        self._entries[name] = {"dtype": code, "shape": list(shape),
+                               "data_offsets": [self._offset, self._offset + nbytes]}
         self._offset += nbytes
         self.total_size += nbytes
 
@@ -542,7 +544,8 @@ class ShardWriter:
 
 
 def write_state_dict(state: dict[str, Any], directory: str | os.PathLike,
-                     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, metadata: dict[str, str] | None = None) -> list[str]:
+                     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+                     metadata: dict[str, str] | None = None) -> list[str]:
     """Write {name: tensor} (all known up front) as HF shards. Returns the shard file names."""
     plan = [(name, tuple(t.shape), dtype_code(t.dtype)) for name, t in state.items()]
     writer = ShardWriter(directory, max_shard_size, plan=plan, metadata=metadata)
