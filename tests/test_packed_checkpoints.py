@@ -229,9 +229,13 @@ def test_eval_of_packed_dir_matches_dense_perplexity(dirs, tmp_path, torch_path)
               "--device", "cpu", "--dtype", "float32"]   # (bf16 is broken in the Triton interpreter)
     assert main(["eval", str(dirs / "dense"), *common, "--output", str(tmp_path / "d")]) == 0
     assert main(["eval", str(dirs / "packed"), *common, "--output", str(tmp_path / "p")]) == 0
-    ppl_dense = json.loads((tmp_path / "d" / "results.json").read_text())["perplexity"]["text"]
-    ppl_packed = json.loads((tmp_path / "p" / "results.json").read_text())["perplexity"]["text"]
+    dense, packed = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("d", "p"))
+    ppl_dense, ppl_packed = dense["perplexity"]["text"], packed["perplexity"]["text"]
     assert ppl_packed == pytest.approx(ppl_dense, rel=1e-4)
+    counted = ("achieved", "zeros", "total", "modules")
+    assert [packed["sparsity"][k] for k in counted] == [dense["sparsity"][k] for k in counted]
+    assert dense["sparsity"]["modules"] == 28
+    assert dense["sparsity"]["achieved"] >= 0.5
     # random linears (what plain from_pretrained made of a packed dir) give ~vocabulary-size perplexity
     assert ppl_dense < 300
 

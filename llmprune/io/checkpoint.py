@@ -316,11 +316,6 @@ def _disk_full(path: Path, needed: int | None) -> UserError:
                      f"{need}free space there or write --output to another disk")
 
 
-@dataclass
-class _Shard:
-    names: list[str]
-
-
 class ShardWriter:
     """Streams tensors into Hugging Face-named safetensors shards of at most `max_shard_size` bytes.
 
@@ -342,6 +337,7 @@ class ShardWriter:
         self.total_size = 0
         self.finished: list[list[str]] = []   # tensor names of each finished shard
         self._entries: dict[str, dict] = {}   # the open shard: name -> header entry
+        self._seen: set[str] = set()
         self._offset = 0
         self._fh = None
         self._closed = False
@@ -376,8 +372,9 @@ class ShardWriter:
         if self._plan is not None:
             self._add_planned(name, tensor, shape, code, nbytes)
             return
-        if name in self._entries or any(name in names for names in self.finished):
+        if name in self._seen:
             raise ValueError(f"tensor {name} was already written")
+        self._seen.add(name)
         if self._entries and self._offset + nbytes > self.max_bytes:
             self._finish_shard()
         if self._fh is None:
@@ -517,6 +514,7 @@ class ShardWriter:
         writer.metadata = dict(state["metadata"])
         writer.finished = [list(n) for n in state["finished"]]
         writer._entries = dict(state["entries"])
+        writer._seen = {n for names in writer.finished for n in names} | set(writer._entries)
         writer._offset = state["offset"]
         writer.total_size = state["total_size"]
         for k in range(len(writer.finished)):
