@@ -53,6 +53,8 @@ def register(sub) -> None:
     p.add_argument("--save-format", choices=("dense", "sparse24"), default="dense",
                    help="dense: plain HF safetensors with zeros (default); sparse24: packed 2:4 (load with "
                         "llmprune.load_pretrained)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors shard written, e.g. 5GB, 5G, 500MiB (default: 5GB)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the output to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
@@ -118,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before the model is loaded.
     recipe = build_recipe(args)
     check_output_dir(args.output, args.overwrite)
+    from llmprune.io.checkpoint import parse_size
+
+    max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
     if recipe.needs_calibration():
         check_source(recipe.calibration.data)
     if args.push_to_hub:
@@ -146,7 +151,13 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.model, args.trust_remote_code, args.revision)
     spec_for(config)                                   # unsupported family: fail before loading weights
     with torch.device("meta"):                         # check targets / shapes / counts without any weights
-        check_recipe(AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code), recipe)
+        meta_model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        check_recipe(meta_model, recipe)
+        if args.save_format == "sparse24":             # the packed save must not fail after the work
+            from llmprune.kernels import check_sparse24_possible
+
+            check_sparse24_possible(meta_model, recipe)
+    del meta_model
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision)
     calib = None
     if recipe.needs_calibration():
@@ -168,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     sidecar = compress_sidecar(report, base, dtype=str(model.dtype).replace("torch.", ""),
                                save_format=args.save_format)
     with output_dir(args.output, args.overwrite) as tmp:
-        packed = write_checkpoint(model, tokenizer, tmp, args.save_format)
+        packed = write_checkpoint(model, tokenizer, tmp, args.save_format, max_shard_size)
         if packed is not None:
             sidecar["pack"] = packed
         (tmp / "recipe.yaml").write_text(report.recipe.to_yaml())   # as run: defaults resolved
@@ -196,13 +207,13 @@ def _cpu_has_fast_bf16() -> bool:
         return False
 
 
-def write_checkpoint(model, tokenizer, directory, save_format: str) -> dict | None:
+def write_checkpoint(model, tokenizer, directory, save_format: str, max_shard_size: str | int = "5GB") -> dict | None:
     """Dense HF checkpoint, or packed 2:4 (returns the sidecar's `pack` section)."""
     if save_format == "sparse24":
         from llmprune.kernels import save_sparse24
 
-        return save_sparse24(model, tokenizer, directory)
+        return save_sparse24(model, tokenizer, directory, max_shard_size=max_shard_size)
     from llmprune.io.save import save_model
 
-    save_model(model, tokenizer, directory)
+    save_model(model, tokenizer, directory, max_shard_size=max_shard_size)
     return None

@@ -90,16 +90,25 @@ def parse_eval_args(args: argparse.Namespace):
     return suites, specs, settings
 
 
-def load_for_eval(args: argparse.Namespace, settings):
-    """Load model + tokenizer, place the model, and fix seqlen / max_length against the model."""
+def load_for_eval(args: argparse.Namespace, settings, allow_packed: bool = False):
+    """Load model + tokenizer, place the model, and fix seqlen / max_length against the model.
+    allow_packed: load a packed 2:4 checkpoint with llmprune.load_pretrained (else it is refused)."""
     from llmprune.errors import UserError
-    from llmprune.io.load import load_model, load_tokenizer, resolve_device, resolve_model_path
+    from llmprune.io.checkpoint import packed_checkpoint_info
+    from llmprune.io.load import load_model, load_tokenizer, resolve_device, resolve_model_path, torch_dtype
 
     device = resolve_device(args.device)
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
-    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, revision=args.revision)
-    model.to(device)
+    if allow_packed and packed_checkpoint_info(path) is not None:
+        from llmprune.kernels import load_pretrained
+
+        dtype = None if args.dtype == "auto" else torch_dtype(args.dtype)
+        model = load_pretrained(path, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                           revision=args.revision)
+        model.to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if args.seqlen is None and max_pos:
         settings.seqlen = settings.max_length = min(2048, int(max_pos))
@@ -169,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llmprune.eval import harness
 
-    model, tokenizer, path = load_for_eval(args, settings)
+    model, tokenizer, path = load_for_eval(args, settings, allow_packed=True)
     ctx = harness.prepare(model, tokenizer, suites, specs, settings)
     try:
         run_ = harness.evaluate(ctx, model, tokenizer, model_name=args.model,

@@ -5,8 +5,9 @@
 
 Both stream tensor by tensor from safetensors shards (peak memory: a few tensors), write
 through `llmprune.io.save.output_dir` (atomic) and leave a `llmprune.json` of kind "delta".
-Modules: `streaming` (shard reader/writers), `sparsify` (per-tensor rules), `merge` (linear / TIES),
-`darex` (q search), `pipeline` (the run), `apply` (sparse delta artifact and rebuild).
+Modules: `streaming` (delta file helpers over `llmprune.io.checkpoint`), `sparsify` (per-tensor
+rules), `merge` (linear / TIES), `darex` (q search), `pipeline` (the run), `apply` (sparse delta
+artifact and rebuild).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def prune_delta(base: str, finetuned: list[str] | str, output: str | Path, *, me
 
     from llmprune.delta.pipeline import DeltaSpec, run_delta
     from llmprune.delta.sparsify import parse_rescale
-    from llmprune.delta.streaming import parse_size
+    from llmprune.io.checkpoint import parse_size
     from llmprune.io.save import RECIPE_NAME, output_dir, write_sidecar
 
     finetuned = [finetuned] if isinstance(finetuned, str) else list(finetuned)

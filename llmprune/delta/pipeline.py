@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmprune.delta.streaming import (CheckpointReader, PlannedShardWriter, copy_model_files,
-                                      local_model_dir, positive_zero)
+from llmprune.delta.streaming import copy_model_files, local_model_dir, positive_zero
+from llmprune.io.checkpoint import CheckpointReader, ShardWriter
 from llmprune.errors import UserError
 
 # method -> (mask strategy, consensus, normalize, default rescale); mergekit's registry (§4.4),
@@ -295,13 +295,13 @@ def run_delta(base: str, finetuned: list[str], spec: DeltaSpec, output: Path, *,
         spec.rescale = Rescale("q", q_search.q)
 
     plan = [(job.name, job.shape, job.dtype) for job in jobs]
-    writer = PlannedShardWriter(output, plan, max_shard_bytes)
+    writer = ShardWriter(output, max_shard_bytes, plan=plan)
     delta_writer = SparseDeltaWriter(output / DELTA_SUBDIR, max_shard_bytes) if save_delta else None
     tensors, nnz_total, numel_total = {}, 0, 0
     for job in tqdm(jobs, desc=f"delta {spec.method}", unit="tensor", disable=not progress):
         base_tensor = base_reader.get(job.base_name) if job.base_name is not None else None
         result = compute_tensor(job, base_reader, ft_readers, spec, base_tensor=base_tensor)
-        writer.write(job.name, result.out)
+        writer.add(job.name, result.out)
         if delta_writer is not None:
             delta_writer.add(job.name, result.out, job.base_name, base_tensor)
         if result.density is not None:

@@ -518,7 +518,14 @@ def count_sparsity(model) -> dict[str, Any]:
         w = mod.weight
         zeros += int((w == 0).sum().item())
         total += w.numel()
-    return {"achieved": zeros / total if total else 0.0, "zeros": zeros, "total": total, "modules": len(linears)}
+    # packed 2:4 linears (llmprune.load_pretrained): every entry outside `values` is a zero
+    packed = [m for m in model.modules() if hasattr(m, "bitmask") and hasattr(m, "values")
+              and m is not model.get_output_embeddings()]
+    for mod in packed:
+        total += mod.out_features * mod.in_features
+        zeros += mod.out_features * mod.in_features - int(torch.count_nonzero(mod.values))
+    return {"achieved": zeros / total if total else 0.0, "zeros": zeros, "total": total,
+            "modules": len(linears) + len(packed)}
 
 
 def _model_info(model, name: str | None) -> dict[str, Any]:

@@ -82,12 +82,18 @@ def _hub_error(name: str, exc: Exception) -> UserError:
 def load_config(name: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoConfig
 
+    from llmprune.io.checkpoint import PACKED_MODEL_TYPE, refuse_packed
+
     path = resolve_model_path(name)
+    refuse_packed(path, name)                 # packed 2:4 weights: one line, not random linears
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except UserError:
         raise
     except (OSError, ValueError, KeyError) as exc:
+        if PACKED_MODEL_TYPE in str(exc):     # a packed checkpoint on the Hub
+            raise UserError(f"{name} is a packed 2:4 checkpoint; this command needs its dense source "
+                            "(evaluate it with `llmprune eval`, or load it with llmprune.load_pretrained)") from None
         if isinstance(exc, (ValueError, KeyError)) and "model_type" in str(exc):
             raise UserError(f"{name}: transformers does not know this model type ({str(exc).splitlines()[0]})") from None
         raise _hub_error(name, exc) from None
@@ -107,7 +113,11 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
     """Load a causal LM on CPU (the engine moves one layer at a time to the compute device)."""
     from transformers import AutoModelForCausalLM
 
+    from llmprune.io.checkpoint import check_local_weights, refuse_packed
+
     path = resolve_model_path(name)
+    refuse_packed(path, name)
+    check_local_weights(path)                 # a truncated/corrupt shard: one line naming the file
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision,

@@ -66,19 +66,14 @@ def output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model, tokenizer, directory: str | os.PathLike, max_shard_size: str = "5GB") -> None:
-    """`save_pretrained` in safetensors with exact zeros: `-0.0` becomes `+0.0`.
+def save_model(model, tokenizer, directory: str | os.PathLike, max_shard_size: str | int = "5GB") -> list[str]:
+    """What `save_pretrained` writes (config, generation config, tokenizer, safetensors shards with
+    the same tensor names), through llmprune's own shard writer, with exact zeros: `-0.0` is
+    written as `+0.0` (masked weights are multiplied by 0, which leaves `-0.0` where the weight was
+    negative; some sparse loaders read the sign bit as "non-zero", vLLM #13198). The model is not
+    modified. Returns the shard file names."""
+    from llmprune.io.checkpoint import save_model_files, state_dict_to_save, write_state_dict
 
-    Masked weights are multiplied by 0, which leaves `-0.0` where the weight was negative; some
-    sparse loaders read the sign bit as "non-zero" (vLLM #13198), so normalise before writing.
-    """
-    import torch
-
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point():
-                # x + 0.0 maps -0.0 to +0.0 and leaves every other value (and NaN) unchanged.
-                param.data.add_(0.0)
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    files = write_state_dict(state_dict_to_save(model), directory, max_shard_size)
+    save_model_files(model, tokenizer, directory)
+    return files
