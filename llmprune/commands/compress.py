@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from llmprune.commands import add_model_args
@@ -75,12 +76,21 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before the model is loaded.
     recipe = build_recipe(args)
-    check_output_dir(args.output, args.overwrite)
-    check_source(recipe.calibration.data)
+    from llmprune.io.load import model_input_path, resolve_model_path
+
+    inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data]   # --overwrite never deletes them
+    check_output_dir(args.output, args.overwrite, inputs=inputs)
+    resolve_model_path(args.model, args.revision)      # a mistyped MODEL is reported before the data
+    from llmprune.methods import get_method
+
+    needs_calib = any(get_method(s.method).needs or s.allocation == "owl" for s in recipe.stages)
+    if needs_calib:
+        check_source(recipe.calibration.data, check_hub=False)   # a bad path now; Hub sources below
     if args.push_to_hub:
-        from llmprune.io.hub import check_repo_id
+        from llmprune.io.hub import check_push_ready, check_repo_id
 
         check_repo_id(args.push_to_hub)
+        check_push_ready()
     if args.save_format == "sparse24" and any(not s.pattern.is_nm or (s.pattern.n, s.pattern.m) != (2, 4)
                                               for s in recipe.stages[-1:]):
         raise UserError("--save-format sparse24 needs --sparsity 2:4")
@@ -92,22 +102,27 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.arch import spec_for
     from llmprune.io.load import is_local_model, load_config, load_model, load_tokenizer, model_revision, \
         resolve_device, resolve_model_path, torch_dtype
-    from llmprune.methods import get_method
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    torch_dtype(args.dtype)
-    device = resolve_device(args.device)
+    torch_dtype(args.dtype, "--dtype")
+    device = resolve_device(args.device, "--device")
     t0 = time.perf_counter()
     config = load_config(args.model, args.trust_remote_code, args.revision)
     spec_for(config)                                   # unsupported family: fail before loading weights
     with torch.device("meta"):                         # check targets / N:M shapes without any weights
         check_recipe(AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code), recipe)
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision)
+    if needs_calib:
+        check_source(recipe.calibration.data)              # c4 / wikitext2 with the Hub unreachable: say so now
+    # Only calibration needs a tokenizer; without one (magnitude) a folder lacking tokenizer files is fine.
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision, required=needs_calib)
+    if tokenizer is None:
+        print(f"llmprune: note: {args.model} has no tokenizer files; the output will have none either",
+              file=sys.stderr)
     calib = None
-    if any(get_method(s.method).needs or s.allocation == "owl" for s in recipe.stages):
+    if needs_calib:
         calib = calibration_set(config, tokenizer, recipe)   # too little text fails here, before the weights
     # CPUs without native bf16 (no AVX512-BF16/AMX) run half-precision matmuls very slowly: with
     # --dtype auto on such a CPU, work in float32 and write the checkpoint back in its own dtype.
@@ -130,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(model.dtype).replace("torch.", ""),
         "save_format": args.save_format,
     }
-    with output_dir(args.output, args.overwrite) as tmp:
+    with output_dir(args.output, args.overwrite, inputs=inputs,
+                    expected_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values())) as tmp:
         packed = write_checkpoint(model, tokenizer, tmp, args.save_format)
         if packed is not None:
             sidecar["pack"] = packed

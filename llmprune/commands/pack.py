@@ -28,21 +28,18 @@ def _dir_bytes(path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import resource
     import time
     from pathlib import Path
 
     from llmprune.errors import UserError
-    from llmprune.io.save import RECIPE_NAME, SIDECAR_NAME, check_output_dir, output_dir, write_sidecar
+    from llmprune.io.files import format_bytes, peak_rss_bytes
+    from llmprune.io.save import RECIPE_NAME, SIDECAR_NAME, check_output_dir, output_dir, read_sidecar, write_sidecar
 
     src = Path(args.model).expanduser()
     if not src.is_dir() or not (src / "config.json").is_file():
         raise UserError(f"{args.model} is not a local model directory (no config.json); give the output of "
                         "`llmprune compress` or a `save_pretrained` directory")
-    target = check_output_dir(args.output, args.overwrite)
-    if target == src.resolve():
-        raise UserError("--output must differ from the input directory (the input is never modified)")
+    target = check_output_dir(args.output, args.overwrite, inputs=[src])   # --overwrite never deletes the input
     if not any(src.glob("*.safetensors")):
         raise UserError(f"{args.model} has no safetensors weights; re-save it with safe_serialization=True")
 
@@ -51,12 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     if is_packed_checkpoint(src):
         raise UserError(f"{args.model} is already packed; load it with llmprune.load_pretrained")
-    source_sidecar = {}
-    if (src / SIDECAR_NAME).is_file():
-        try:
-            source_sidecar = json.loads((src / SIDECAR_NAME).read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{src / SIDECAR_NAME} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    source_sidecar = read_sidecar(src) if (src / SIDECAR_NAME).is_file() else {}
 
     t0 = time.perf_counter()
     try:
@@ -65,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = None  # a weights-only directory: pack it anyway, say so below
     model = load_model(str(src), "auto", args.trust_remote_code)
 
-    with output_dir(target, args.overwrite) as tmp:
+    with output_dir(target, args.overwrite, inputs=[src], expected_bytes=_dir_bytes(src)) as tmp:
         info = save_sparse24(model, tokenizer, tmp, max_shard_size=args.max_shard_size)
         if (src / RECIPE_NAME).is_file():
             (tmp / RECIPE_NAME).write_text((src / RECIPE_NAME).read_text())
@@ -79,18 +71,16 @@ def run(args: argparse.Namespace) -> int:
         sidecar["pack"] = info
         sidecar["dtype"] = str(model.dtype).replace("torch.", "")
         sidecar["wall_time_s"] = round(time.perf_counter() - t0, 3)
-        sidecar["peak_memory"] = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                                  "cuda_bytes": None}
+        sidecar["peak_memory"] = {"cpu_rss_bytes": peak_rss_bytes(), "cuda_bytes": None}
         write_sidecar(tmp, sidecar)
         disk_in, disk_out = _dir_bytes(src), _dir_bytes(tmp)
 
-    mib = 2**20
     rows = [
         ("packed linears", f"{len(info['modules'])}"),
         ("dense linears", f"{len(info.get('dense_linears', {}))} ({', '.join(sorted(set(info.get('dense_linears', {}).values()))) or '-'})"),
-        ("linear weights", f"{info['bytes_dense'] / mib:,.1f} MiB -> {info['bytes_packed'] / mib:,.1f} MiB "
+        ("linear weights", f"{format_bytes(info['bytes_dense'])} -> {format_bytes(info['bytes_packed'])} "
                            f"({info['bytes_packed'] / info['bytes_dense']:.2%})"),
-        ("safetensors on disk", f"{disk_in / mib:,.1f} MiB -> {disk_out / mib:,.1f} MiB ({disk_out / max(disk_in, 1):.2%})"),
+        ("safetensors on disk", f"{format_bytes(disk_in)} -> {format_bytes(disk_out)} ({disk_out / max(disk_in, 1):.2%})"),
     ]
     if tokenizer is None:
         rows.append(("tokenizer", "none found in the input; not written"))

@@ -116,7 +116,11 @@ def run(args: argparse.Namespace) -> int:
         check_source(calib_cfg.data)
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be >= 0")
-    check_output_dir(args.output, args.overwrite)
+    from llmprune.io.load import model_input_path
+
+    inputs = [model_input_path(args.model), args.calib_data, args.data_dir, *args.include_path,
+              *(t.strip() for t in (args.ppl_data or "").split(","))]    # --overwrite never deletes them
+    check_output_dir(args.output, args.overwrite, inputs=inputs)
 
     import llmprune
 
@@ -130,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     dense = snapshot(model)
     ctx = harness.prepare(model, tokenizer, suites, specs, settings)
     try:
-        with output_dir(args.output, args.overwrite) as tmp:
+        with output_dir(args.output, args.overwrite, inputs=inputs) as tmp:
             run_dirs = []
             for level in levels:
                 name = level_name(args.method, level)

@@ -113,10 +113,11 @@ class CheckpointReader:
         index = self.directory / f"{stem}.safetensors.index.json"
         single = self.directory / f"{stem}.safetensors"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise UserError(f"{index} is not a valid safetensors index ({exc})") from None
+            from llmprune.io.files import read_json
+
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index} is not a valid safetensors index (no weight_map)")
             shards = list(dict.fromkeys(weight_map.values()))
         elif single.is_file():
             shards = [single.name]
@@ -127,9 +128,13 @@ class CheckpointReader:
             raise UserError(f"{self.directory} has no {single.name} or {index.name}")
         self.tensors: dict[str, TensorInfo] = {}
         for shard in shards:
-            path = self.directory / shard
-            if not path.is_file():
+            if not (self.directory / shard).is_file():
                 raise UserError(f"shard {shard} listed in {index.name} is missing from {self.directory}")
+        from llmprune.io.errors import check_safetensors
+
+        check_safetensors(self.directory / shard for shard in shards)   # a truncated file is named here
+        for shard in shards:
+            path = self.directory / shard
             for name, entry in read_header(path).items():
                 self.tensors[name] = TensorInfo(name, tuple(entry["shape"]), entry["dtype"], path)
 

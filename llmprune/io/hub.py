@@ -67,6 +67,21 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def check_push_ready() -> None:
+    """For `compress --push-to-hub`: a token and a reachable Hub, checked before hours of work."""
+    from huggingface_hub import constants, get_token
+
+    from llmprune.io.network import hub_reachable
+
+    later = "or drop --push-to-hub and push later with `llmprune push DIR REPO_ID`"
+    if constants.is_offline_mode():
+        raise UserError(f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it, {later}")
+    if not get_token():
+        raise UserError(f"no Hugging Face token found for --push-to-hub; run `hf auth login` or set HF_TOKEN, {later}")
+    if not hub_reachable():
+        raise UserError(f"the Hugging Face Hub is unreachable (no network) for --push-to-hub; connect, {later}")
+
+
 def _visible(path: Path, root: Path) -> bool:
     """Hidden files and folders (`.git`, `.cache`, editor swap files, our own temp files) stay home."""
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
@@ -196,6 +211,11 @@ def push_output(directory: str | os.PathLike, repo_id: str, private: bool = Fals
     token = get_token()
     if not token:
         raise UserError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN to a token with write access")
+    from llmprune.io.network import hub_reachable
+
+    if not hub_reachable():
+        raise UserError("the Hugging Face Hub is unreachable (no network), so nothing was pushed; push again when "
+                        "connected (or use --dry-run)")
     api = HfApi(token=token)
     user = None
     try:
@@ -232,11 +252,9 @@ def push_output(directory: str | os.PathLike, repo_id: str, private: bool = Fals
 
 
 def format_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    from llmprune.io.files import format_bytes
+
+    return format_bytes(n)
 
 
 def summary_table(result: PushResult) -> str:
