@@ -96,8 +96,9 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _quiet_libraries() -> None:
-    """--quiet: no progress bars from the libraries either (weight loading, downloads, datasets)."""
+    """--quiet: no progress bars from the libraries either (weight loading, downloads, datasets, lm-eval)."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"     # tqdm's own default (read when tqdm is first imported): lm-eval's bars
     try:
         from transformers.utils import logging as hf_logging
 

@@ -20,7 +20,7 @@ def register(sub) -> None:
                    help="how sparsity is spread over layers: uniform (default), owl (outlier-weighted), "
                         "global (magnitude only: one |W| ranking across matrices)")
     p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
-    p.add_argument("--owl-lambda", type=float, default=None, help="OWL max deviation λ from the target (default 0.08)")
+    p.add_argument("--owl-lambda", type=float, default=None, help="OWL λ: layer sparsities span a 2λ-wide window, S+mean(r)−2λ .. S+mean(r) (default 0.08)")
     p.add_argument("--min-density", type=float, default=None, help="global allocation: per-matrix minimum density")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")

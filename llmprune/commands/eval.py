@@ -100,21 +100,18 @@ def parse_eval_args(args: argparse.Namespace):
                         seed=args.eval_seed, apply_chat_template=args.apply_chat_template,
                         progress=not args.quiet, num_fewshot=args.num_fewshot,
                         gen_kwargs=parse_gen_kwargs(args.gen_kwargs), model_args=parse_model_args(args.model_args))
-    if not getattr(args, "export_data", None):
-        if args.model:                                  # a mistyped MODEL is reported before the data
-            from llmprune.io.load import resolve_model_path
-
-            resolve_model_path(args.model, args.revision)
-        check_hub_data(specs, args.data_dir)
     return suites, specs, settings
 
 
-def check_hub_data(specs, data_dir: str | None) -> None:
-    """Specs whose data comes from the Hub: when it is unreachable, switch to the cache now, quietly (cached
-    data still works; what is missing then fails at once with one line, not after minutes of retries)."""
+def check_model_and_hub_data(args: argparse.Namespace, specs) -> None:
+    """MODEL exists (locally, in the Hub cache or on a reachable Hub), then the data of the specs: with
+    the Hub unreachable, switch to the cache now, quietly (cached data still works; what is missing then
+    fails at once with one line, not after minutes of retries)."""
     from llmprune.calibration.data import check_source
+    from llmprune.io.load import resolve_model_path
 
-    if data_dir:
+    resolve_model_path(args.model, args.revision)
+    if args.data_dir:
         return
     for spec in specs:
         if spec.kind == "perplexity":
@@ -220,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = [args.baseline, args.data_dir, *args.include_path, *(_csv(args.ppl_data) if args.ppl_data else [])]
     model_dir = [model_input_path(args.model)]
     check_output_dir(args.output, args.overwrite, inputs=inputs, inside_ok=model_dir)
+    check_model_and_hub_data(args, specs)
     dense = dense_items = None
     if args.baseline:
         from llmprune.eval.harness import read_items, read_results

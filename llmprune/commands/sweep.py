@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from llmprune.calibration.data import check_source
-    from llmprune.commands.eval import load_for_eval, parse_eval_args
+    from llmprune.commands.eval import check_model_and_hub_data, load_for_eval, parse_eval_args
     from llmprune.errors import UserError
     from llmprune.eval import harness
     from llmprune.eval.report import build_report, summary_table
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                      for r in recipes.values() for st in r.stages)
     calib_cfg = next(iter(recipes.values())).calibration if recipes and needs_data else None
     if calib_cfg is not None:
-        check_source(calib_cfg.data)
+        check_source(calib_cfg.data, check_hub=False)
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be >= 0")
     from llmprune.io.load import model_input_path
@@ -121,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     inputs = [model_input_path(args.model), args.calib_data, args.data_dir, *args.include_path,
               *(t.strip() for t in (args.ppl_data or "").split(","))]    # --overwrite never deletes them
     check_output_dir(args.output, args.overwrite, inputs=inputs)
+    check_model_and_hub_data(args, specs)
+    if calib_cfg is not None:
+        check_source(calib_cfg.data)             # c4 / wikitext2 with the Hub unreachable: say so now
 
     import llmprune
 

@@ -638,7 +638,7 @@ def evaluate(ctx: Context, model, tokenizer, model_name: str | None = None, extr
             samples[spec.name] = [{"doc_id": i, "nll_sum": v, "tokens": res.seqlen - 1}
                                   for i, v in enumerate(res.window_nll)]
         elif spec.kind == "probe":
-            value, recs = probes.run_probe(ctx.lm, spec.params, limit=settings.limit)
+            value, recs = probes.run_probe(ctx.lm, spec.params, limit=settings.limit, progress=settings.progress)
             xs = [r["exact_match"] for r in recs]
             stderr = math.sqrt(value * (1 - value) / (len(xs) - 1)) if len(xs) > 1 else None
             tasks[spec.name] = {"suite": spec.suite, "kind": "probe", "metric": spec.metric, "value": value,
