@@ -24,20 +24,21 @@ def read_json(path: str | os.PathLike, what: str, hint: str = "") -> dict[str, A
     `hint` is appended to the message when the file is broken (what to do about it)."""
     path = Path(path)
     suffix = f"; {hint}" if hint else ""
+    label = str(path) if path.name == what else f"{what} {path}"
     if not path.is_file():
-        raise UserError(f"{what} {path} does not exist{suffix}")
+        raise UserError(f"{label} does not exist{suffix}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not a text file{suffix}") from None
+        raise UserError(f"{label} is not a text file{suffix}") from None
     except OSError as exc:
-        raise UserError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__}){suffix}") from None
+        raise UserError(f"cannot read {label} ({exc.strerror or type(exc).__name__}){suffix}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}){suffix}") from None
+        raise UserError(f"{label} is not valid JSON ({exc.msg} at line {exc.lineno}){suffix}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{what} {path} holds a JSON {type(data).__name__}, not an object{suffix}")
+        raise UserError(f"{label} holds a JSON {type(data).__name__}, not an object{suffix}")
     return data
 
 

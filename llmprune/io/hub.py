@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from llmprune.errors import UserError
-from llmprune.io.card import CARD_NAME, is_generated_card, render_card, write_card
+from llmprune.io.card import CARD_NAME, is_generated_card, write_card
+from llmprune.io.errors import render_card_checked
 from llmprune.io.save import read_sidecar
 
 # Files in a repo that decide which weights transformers loads: a stale one left over from an
@@ -95,7 +96,7 @@ def plan_upload(directory: str | os.PathLike, repo_id: str | None = None) -> tup
     read_sidecar(directory)  # "not an llmprune output" is a UserError
     readme = directory / CARD_NAME
     generated = is_generated_card(readme)
-    card = render_card(directory, repo_id=repo_id) if generated else readme.read_text(encoding="utf-8")
+    card = render_card_checked(directory, repo_id=repo_id) if generated else readme.read_text(encoding="utf-8")
     files: list[UploadFile] = []
     for path in sorted(directory.rglob("*")):
         if not path.is_file() or not _visible(path, directory):
