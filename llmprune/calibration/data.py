@@ -36,9 +36,9 @@ def check_source(spec: str, flag: str = "--calib-data", check_hub: bool = True) 
     later) and refuse a source that is certainly not cached."""
     if spec in NAMED_SOURCES:
         if spec != "stdlib" and check_hub:
-            from llmprune.io.network import hub_or_cache, why_offline
+            from llmprune.io.network import dataset_maybe_cached, hub_or_cache, why_offline
 
-            if not hub_or_cache() and not _maybe_cached(HUB_REPOS[spec]):
+            if not hub_or_cache() and not dataset_maybe_cached(HUB_REPOS[spec]):
                 export = (" or export it on a connected machine with `llmprune eval --export-data DIR --suite lm` "
                           "and pass --data-dir DIR" if flag == "--ppl-data" else "")
                 raise UserError(f"{flag} {spec} is not in the datasets cache and {why_offline()}; use {flag} stdlib "
@@ -52,19 +52,6 @@ def check_source(spec: str, flag: str = "--calib-data", check_hub: bool = True) 
 
 
 HUB_REPOS = {"c4": "allenai/c4", "wikitext2": "Salesforce/wikitext"}
-
-
-def _maybe_cached(repo: str) -> bool:
-    """False only when neither the Hub cache nor the datasets cache has anything of `repo` (cheap: two
-    folder checks); True means 'perhaps', and loading decides."""
-    import os
-
-    from huggingface_hub import constants
-
-    datasets_cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets")
-    org, name = repo.split("/")
-    return ((Path(constants.HF_HUB_CACHE) / f"datasets--{org}--{name}").exists()
-            or (Path(datasets_cache) / f"{org}___{name}").exists())
 
 
 def load_texts(spec: str, split: str = "train") -> list[str]:

@@ -117,9 +117,11 @@ def check_model_and_hub_data(args: argparse.Namespace, specs) -> None:
         if spec.kind == "perplexity":
             check_source(spec.params["data"], "--ppl-data")
     if any(s.kind == "lm_eval" for s in specs):
+        from llmprune.eval.harness import check_task_data_offline
         from llmprune.io.network import hub_or_cache
 
-        hub_or_cache()
+        if not hub_or_cache():
+            check_task_data_offline(specs, list(args.include_path))
 
 
 def load_for_eval(args: argparse.Namespace, settings):

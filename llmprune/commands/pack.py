@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="output shard size (default: 5GB)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -42,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     target = check_output_dir(args.output, args.overwrite, inputs=[src])   # --overwrite never deletes the input
     if not any(src.glob("*.safetensors")):
         raise UserError(f"{args.model} has no safetensors weights; re-save it with safe_serialization=True")
+    from llmprune.io.errors import check_safetensors
+
+    check_safetensors(sorted(src.glob("*.safetensors")))        # a damaged file is named before any work
 
     from llmprune.io.load import load_model, load_tokenizer
     from llmprune.kernels import is_packed_checkpoint, save_sparse24

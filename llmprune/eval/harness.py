@@ -281,6 +281,30 @@ def leaf_tasks(index: dict, name: str, overrides: dict | None = None, _depth: in
     return out
 
 
+# dataset_path values that name a `datasets` loader reading local files, not a Hub dataset
+_LOCAL_LOADERS = ("json", "parquet", "csv", "text", "arrow", "pandas", "imagefolder", "audiofolder")
+
+
+def check_task_data_offline(specs: list[TaskSpec], include_path: list[str]) -> None:
+    """With the Hub unreachable: refuse, before any model is loaded, an lm-eval task whose Hub dataset
+    is certainly not cached (one line: what to export). Indexing is cached, so a later run pays nothing."""
+    from llmprune.io.network import dataset_maybe_cached, why_offline
+
+    lm_specs = [s for s in specs if s.kind == "lm_eval"]
+    if not lm_specs:
+        return
+    include = [str(Path(p).expanduser().resolve()) for p in include_path if Path(p).expanduser().is_dir()]
+    index = _index_for([s.name for s in lm_specs], include).task_index
+    for spec in lm_specs:
+        for leaf, overrides in leaf_tasks(index, spec.name):
+            path = overrides.get("dataset_path", (index[leaf].cfg or {}).get("dataset_path"))
+            if not isinstance(path, str) or path in _LOCAL_LOADERS or Path(path).expanduser().exists():
+                continue
+            if not dataset_maybe_cached(path):
+                raise UserError(f"task {spec.name}: its data ({path}) is not in the datasets cache and {why_offline()}; "
+                                f"export it on a connected machine with `{export_command(spec)}` and pass --data-dir DIR")
+
+
 def export_command(spec: TaskSpec) -> str:
     flag = f"--suite {spec.suite}" if spec.suite != "custom" else f"--tasks {spec.name}"
     return f"llmprune eval --export-data DIR {flag}"

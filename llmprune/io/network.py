@@ -90,3 +90,17 @@ def why_offline() -> str:
     if offline_requested() and not _SWITCHED_BY_US:
         return "offline mode is set (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
     return "the Hugging Face Hub is unreachable (no network)"
+
+
+def dataset_maybe_cached(repo: str) -> bool:
+    """False only when neither the Hub cache nor the datasets cache has anything of dataset `repo`
+    (two folder checks, no import of `datasets`); True means 'perhaps', and loading decides."""
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    datasets_cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets")
+    org, _, name = repo.rpartition("/")
+    hub_dir = f"datasets--{org}--{name}" if org else f"datasets--{name}"
+    ds_dir = f"{org}___{name}" if org else name
+    return (Path(constants.HF_HUB_CACHE) / hub_dir).exists() or (Path(datasets_cache) / ds_dir).exists()
