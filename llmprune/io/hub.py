@@ -70,17 +70,15 @@ def check_repo_id(repo_id: str) -> str:
 
 def check_push_ready() -> None:
     """For `compress --push-to-hub`: a token and a reachable Hub, checked before hours of work."""
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import get_token
 
-    from llmprune.io.network import hub_reachable
+    from llmprune.io.network import hub_reachable, why_offline
 
     later = "or drop --push-to-hub and push later with `llmprune push DIR REPO_ID`"
-    if constants.is_offline_mode():
-        raise UserError(f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it, {later}")
     if not get_token():
         raise UserError(f"no Hugging Face token found for --push-to-hub; run `hf auth login` or set HF_TOKEN, {later}")
-    if not hub_reachable():
-        raise UserError(f"the Hugging Face Hub is unreachable (no network) for --push-to-hub; connect, {later}")
+    if not hub_reachable():          # also False in offline mode (HF_HUB_OFFLINE), and says which
+        raise UserError(f"{why_offline()}, so --push-to-hub cannot work; {later.replace('or drop', 'drop')}")
 
 
 def _visible(path: Path, root: Path) -> bool:
