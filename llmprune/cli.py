@@ -113,6 +113,12 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     nested = _nested_parser(argv)
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         _quiet_libraries()
     previous = None
-    if threading_main():
+    if _in_main_thread():             # signal handlers can only be set there
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.func(args) or 0)
@@ -164,12 +170,3 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
