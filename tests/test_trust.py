@@ -628,3 +628,22 @@ def test_delta_quiet_and_apply_accepts_the_delta_output_folder(ws, tmp_path, cap
         expected, got = load_file(out / "model.safetensors"), load_file(rebuilt / "model.safetensors")
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert "it/s" not in capsys.readouterr().err
+
+
+def test_card_replaces_a_symlinked_readme_instead_of_writing_through_it(ws, tmp_path):
+    """card/push write only DIR/README.md, in place by design; a README that links elsewhere (a Hub cache
+    snapshot links to its blobs) must be replaced, never written through, and follow the umask."""
+    out = tmp_path / "out"
+    assert main(["compress", str(ws / "model"), "--method", "magnitude", "--sparsity", "0.5", "--quiet",
+                 "--output", str(out)]) == 0
+    elsewhere = tmp_path / "blob.md"
+    elsewhere.write_text("the base model's card")
+    (out / "README.md").symlink_to(elsewhere)
+    previous = os.umask(0o022)
+    try:
+        assert main(["card", str(out), "--force"]) == 0
+    finally:
+        os.umask(previous)
+    assert elsewhere.read_text() == "the base model's card"
+    readme = out / "README.md"
+    assert not readme.is_symlink() and "llmprune" in readme.read_text() and readme.stat().st_mode & 0o777 == 0o644
