@@ -37,7 +37,7 @@ def width_runs(kind: str, keeps: list[float], criteria: list[str]) -> list[dict]
     runs = []
     for keep in keeps:
         for criterion in criteria:
-            for reconstruct in (True, False):
+            for reconstruct in ((True,) if criterion == "obs" else (True, False)):    # obs selects for the refit
                 runs.append({"group": kind, "stage": {"method": "width", f"{kind}_keep": keep, "criterion": criterion,
                                                      "reconstruct": reconstruct}})
     return runs
@@ -63,7 +63,6 @@ def run_one(model, tokenizer, stage: dict, calib: torch.Tensor, test_tokens, seq
 def label(stage: dict) -> str:
     if stage["method"] == "layer-drop":
         return f"drop {stage['num_layers']} ({stage['criterion']})"
-    keep = stage.get("mlp_keep") or stage.get("heads_keep")
     return f"{stage['criterion']}{'' if stage['reconstruct'] else ' (no recon.)'}"
 
 
@@ -130,8 +129,8 @@ def main() -> int:
     dense_ppl = heldout_perplexity(model, tokenizer, [], seqlen, tokens=test_tokens, max_windows=args.windows)
     print(f"dense: held-out ppl {dense_ppl:.3f}", flush=True)
 
-    runs = (width_runs("mlp", [0.75, 0.5], ["activation", "magnitude", "maw", "random"])
-            + width_runs("heads", [0.75, 0.5], ["activation", "magnitude", "random"])
+    runs = (width_runs("mlp", [0.75, 0.5], ["activation", "obs", "magnitude", "maw", "random"])
+            + width_runs("heads", [0.75, 0.5], ["activation", "obs", "magnitude", "random"])
             + depth_runs([1, 2], ["bi", "angular", "ppl"]))
     results = []
     for r in runs:

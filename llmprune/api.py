@@ -8,7 +8,6 @@ tensor (`edits.verify_config`), so what is saved loads with `from_pretrained`.
 from __future__ import annotations
 
 import copy
-import resource
 import time
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from llmprune.arch import decoder_layers, is_linear, spec_for, weight_2d
 from llmprune.calibration.sets import CalibrationSet, calibration_set
 from llmprune.edits import MaskState, parameter_count, verify_config
+from llmprune.io.files import peak_rss_bytes
 from llmprune.io.load import resolve_device
 from llmprune.masks import sparsity_of
 from llmprune.recipe import Recipe, load_recipe
@@ -80,7 +80,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: Recipe | dict | str = "wa
     report.parameters_after = parameter_count(model)
     report.notes += [n for r in report.stages for n in r.notes]
     report.wall_time_s = time.perf_counter() - t0
-    report.peak_memory = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    report.peak_memory = {"cpu_rss_bytes": peak_rss_bytes()}
     if device.startswith("cuda"):
         report.peak_memory["cuda_bytes"] = torch.cuda.max_memory_allocated()
     return model, report

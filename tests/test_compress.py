@@ -127,18 +127,35 @@ def test_global_magnitude_respects_total_and_min_density():
     assert len({r.target for r in report.modules.values()}) > 1   # genuinely non-uniform
 
 
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
 def test_lm_head_only_when_targeted_explicitly():
     model = tiny_model("llama")
+    before = _weights(model)
     model, report = run(model, {"method": "wanda", "sparsity": 0.5, "targets": r"lm_head"})
     assert list(report.modules) == ["lm_head"]
-    assert (model.lm_head.weight == 0).float().mean().item() == pytest.approx(0.5)
-    assert all((weight_2d(m) != 0).all() for m in prunable_linears(model).values())
+    head, dense_head = model.lm_head.weight, before["lm_head.weight"]
+    assert (head == 0).float().mean().item() == pytest.approx(0.5)
+    assert torch.equal(head[head != 0], dense_head[head != 0])          # survivors bit-identical (Wanda masks)
+    for name, tensor in model.state_dict().items():                      # everything else untouched
+        if name != "lm_head.weight":
+            assert torch.equal(tensor, before[name]), name
 
 
 def test_targets_and_ignore_select_modules():
     model = tiny_model("llama")
+    before = _weights(model)
     model, report = run(model, {"method": "magnitude", "sparsity": 0.5, "targets": r"mlp\.", "ignore": "down_proj"})
-    assert report.modules and all(("gate_proj" in n or "up_proj" in n) for n in report.modules)
+    expected = {n for n in prunable_linears(model) if ("gate_proj" in n or "up_proj" in n)}
+    assert set(report.modules) == expected
+    for name, tensor in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in expected and name.endswith("weight"):
+            assert (tensor == 0).float().mean().item() == pytest.approx(0.5), name
+        else:                                                            # non-targets bit-identical
+            assert torch.equal(tensor, before[name]), name
 
 
 def _compress_recording(model, stages, linear="layers.1.mlp.gate_proj"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from llmprune.commands import add_model_args
@@ -21,7 +22,7 @@ def register(sub) -> None:
                    help="how sparsity is spread over layers: uniform (default), owl (outlier-weighted), "
                         "global (magnitude only: one |W| ranking across matrices)")
     p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
-    p.add_argument("--owl-lambda", type=float, default=None, help="OWL max deviation λ from the target (default 0.08)")
+    p.add_argument("--owl-lambda", type=float, default=None, help="OWL λ: layer sparsities span a 2λ-wide window, S+mean(r)−2λ .. S+mean(r) (default 0.08)")
     p.add_argument("--min-density", type=float, default=None, help="global allocation: per-matrix minimum density")
     width = p.add_argument_group("width (--method width)")
     width.add_argument("--mlp-keep", type=float, default=None, help="fraction of MLP neurons kept in every layer")
@@ -119,16 +120,21 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before the model is loaded.
     recipe = build_recipe(args)
-    check_output_dir(args.output, args.overwrite)
     from llmprune.io.checkpoint import parse_size
+    from llmprune.io.load import model_input_path, resolve_model_path
 
+    inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data]   # --overwrite never deletes them
+    check_output_dir(args.output, args.overwrite, inputs=inputs)
     max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
-    if recipe.needs_calibration():
-        check_source(recipe.calibration.data)
+    resolve_model_path(args.model, args.revision)      # a mistyped MODEL is reported before the data
+    needs_calib = recipe.needs_calibration()
+    if needs_calib:
+        check_source(recipe.calibration.data, check_hub=False)   # a bad path now; Hub sources below
     if args.push_to_hub:
-        from llmprune.io.hub import check_repo_id
+        from llmprune.io.hub import check_push_ready, check_repo_id
 
         check_repo_id(args.push_to_hub)
+        check_push_ready()
     prune_stages = [s for s in recipe.stages if s.pattern is not None]
     if args.save_format == "sparse24" and (not prune_stages or str(prune_stages[-1].pattern) != "2:4"):
         raise UserError("--save-format sparse24 needs a last pruning stage with sparsity 2:4")
@@ -145,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    torch_dtype(args.dtype)
-    device = resolve_device(args.device)
+    torch_dtype(args.dtype, "--dtype")
+    device = resolve_device(args.device, "--device")
     t0 = time.perf_counter()
     config = load_config(args.model, args.trust_remote_code, args.revision)
     spec_for(config)                                   # unsupported family: fail before loading weights
@@ -158,9 +164,15 @@ def run(args: argparse.Namespace) -> int:
 
             check_sparse24_possible(meta_model, recipe)
     del meta_model
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision)
+    if needs_calib:
+        check_source(recipe.calibration.data)              # c4 / wikitext2 with the Hub unreachable: say so now
+    # Only calibration needs a tokenizer; without one (magnitude) a folder lacking tokenizer files is fine.
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision, required=needs_calib)
+    if tokenizer is None:
+        print(f"llmprune: note: {args.model} has no tokenizer files; the output will have none either",
+              file=sys.stderr)
     calib = None
-    if recipe.needs_calibration():
+    if needs_calib:
         calib = calibration_set(config, tokenizer, recipe)   # too little text fails here, before the weights
     # CPUs without native bf16 (no AVX512-BF16/AMX) run half-precision matmuls very slowly: with
     # --dtype auto on such a CPU, work in float32 and write the checkpoint back in its own dtype.
@@ -178,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
                             model_type=model.config.model_type)
     sidecar = compress_sidecar(report, base, dtype=str(model.dtype).replace("torch.", ""),
                                save_format=args.save_format)
-    with output_dir(args.output, args.overwrite) as tmp:
+    with output_dir(args.output, args.overwrite, inputs=inputs,
+                    expected_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values())) as tmp:
         packed = write_checkpoint(model, tokenizer, tmp, args.save_format, max_shard_size)
         if packed is not None:
             sidecar["pack"] = packed

@@ -31,6 +31,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="directory of extra lm-eval task YAMLs (repeatable)")
     p.add_argument("--apply-chat-template", action="store_true", help="format prompts with the model's chat template")
     p.add_argument("--eval-seed", type=int, default=0, help="lm-eval seeds (few-shot sampling); default 0")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="N",
+                   help="lm-eval's --num_fewshot: few-shot examples for every lm-eval task, replacing the suites' "
+                        "own counts (tasks whose YAML fixes 0 shots stay zero-shot, as in lm-eval)")
+    p.add_argument("--gen-kwargs", default=None, metavar="K=V,...",
+                   help="lm-eval's --gen_kwargs for generation tasks, e.g. temperature=0,max_gen_toks=256")
+    p.add_argument("--model-args", default=None, metavar="K=V,...",
+                   help="lm-eval's --model_args for its HF model wrapper, e.g. add_bos_token=True "
+                        "(MODEL, --dtype, --device, --batch-size and --seqlen are set by their own flags)")
     add_model_args(p)
 
 
@@ -65,7 +73,7 @@ def parse_eval_args(args: argparse.Namespace):
     if args.ppl_data is not None:
         ppl = [] if args.ppl_data.strip().lower() == "none" else _csv(args.ppl_data)
         for p in ppl:
-            check_source(p)
+            check_source(p, "--ppl-data")
     suite_names = _csv(args.suite) if args.suite else ([] if (tasks or ppl) else _csv(DEFAULT_SUITES))
     suites = load_suites(suite_names)
     specs = select_specs(suites, tasks, ppl)
@@ -77,17 +85,43 @@ def parse_eval_args(args: argparse.Namespace):
         raise UserError(f"--batch-size must be auto or a positive integer (got {args.batch_size})")
     if args.seqlen is not None and args.seqlen < 16:
         raise UserError("--seqlen must be at least 16")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError("--num-fewshot must be 0 or more")
     if args.data_dir is not None:
         from pathlib import Path
 
         if not Path(args.data_dir).expanduser().is_dir():
             raise UserError(f"--data-dir {args.data_dir} does not exist; create it with "
                             f"`llmprune eval --export-data {args.data_dir} --suite ...` on a connected machine")
+    from llmprune.eval.harness import parse_gen_kwargs, parse_model_args
+
     settings = Settings(seqlen=args.seqlen or 2048, max_length=args.seqlen or 2048, batch_size=args.batch_size,
                         limit=limit, ppl_data=ppl, data_dir=args.data_dir, include_path=list(args.include_path),
                         seed=args.eval_seed, apply_chat_template=args.apply_chat_template,
-                        progress=not args.quiet)
+                        progress=not args.quiet, num_fewshot=args.num_fewshot,
+                        gen_kwargs=parse_gen_kwargs(args.gen_kwargs), model_args=parse_model_args(args.model_args))
     return suites, specs, settings
+
+
+def check_model_and_hub_data(args: argparse.Namespace, specs) -> None:
+    """MODEL exists (locally, in the Hub cache or on a reachable Hub), then the data of the specs: with
+    the Hub unreachable, switch to the cache now, quietly (cached data still works; what is missing then
+    fails at once with one line, not after minutes of retries)."""
+    from llmprune.calibration.data import check_source
+    from llmprune.io.load import resolve_model_path
+
+    resolve_model_path(args.model, args.revision)
+    if args.data_dir:
+        return
+    for spec in specs:
+        if spec.kind == "perplexity":
+            check_source(spec.params["data"], "--ppl-data")
+    if any(s.kind == "lm_eval" for s in specs):
+        from llmprune.eval.harness import check_task_data_offline
+        from llmprune.io.network import hub_or_cache
+
+        if not hub_or_cache():
+            check_task_data_offline(specs, list(args.include_path))
 
 
 def load_for_eval(args: argparse.Namespace, settings, allow_packed: bool = False):
@@ -97,9 +131,13 @@ def load_for_eval(args: argparse.Namespace, settings, allow_packed: bool = False
     from llmprune.io.checkpoint import packed_checkpoint_info
     from llmprune.io.load import load_model, load_tokenizer, resolve_device, resolve_model_path, torch_dtype
 
-    device = resolve_device(args.device)
-    path = resolve_model_path(args.model)
+    torch_dtype(args.dtype, "--dtype")
+    device = resolve_device(args.device, "--device")
+    path = resolve_model_path(args.model, args.revision)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    if settings.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{args.model} has no chat template (its tokenizer_config.json / chat_template.jinja define "
+                        "none), so --apply-chat-template cannot format prompts; drop the flag")
     if allow_packed and packed_checkpoint_info(path) is not None:
         from llmprune.kernels import load_pretrained
 
@@ -120,10 +158,15 @@ def load_for_eval(args: argparse.Namespace, settings, allow_packed: bool = False
 
 def sidecar_sparsity(path: str) -> dict:
     """How an llmprune output was made (recipe label, target, pattern, parameters removed), from its
-    llmprune.json; empty for a model that is not an llmprune output."""
+    llmprune.json; empty for a model that is not an llmprune output, or whose sidecar is damaged (that
+    only costs the labels of the results)."""
+    from llmprune.errors import UserError
     from llmprune.io.sidecar import eval_summary
 
-    return eval_summary(path)
+    try:
+        return eval_summary(path)
+    except UserError:
+        return {}
 
 
 def task_table(results: dict) -> str:
@@ -158,7 +201,13 @@ def run(args: argparse.Namespace) -> int:
 
         if args.model:
             raise UserError("--export-data downloads task data only; drop MODEL (or drop --export-data to evaluate)")
-        with output_dir(args.export_data, args.overwrite) as tmp:
+        from llmprune.io.network import hub_reachable, why_offline
+
+        check_output_dir(args.export_data, args.overwrite, inputs=list(args.include_path))
+        if not hub_reachable():
+            raise UserError(f"--export-data downloads task data from the Hugging Face Hub, but {why_offline()}; "
+                            "run it on a connected machine and copy DIR here")
+        with output_dir(args.export_data, args.overwrite, inputs=list(args.include_path)) as tmp:
             manifest = export_data(specs, tmp, args.include_path, progress=not args.quiet)
         print(f"exported {len(manifest['tasks'])} task(s) and {len(manifest['perplexity'])} perplexity text(s) "
               f"to {args.export_data}; "
@@ -168,7 +217,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give MODEL (a Hub id, a local directory or llmprune-tiny), or --export-data DIR")
     if not args.output:
         raise UserError("give --output RESULTS_DIR")
-    check_output_dir(args.output, args.overwrite)
+    from llmprune.io.load import model_input_path
+
+    # --overwrite must never delete an input; MODEL/eval is the documented place for results, so inside is fine.
+    inputs = [args.baseline, args.data_dir, *args.include_path, *(_csv(args.ppl_data) if args.ppl_data else [])]
+    model_dir = [model_input_path(args.model)]
+    check_output_dir(args.output, args.overwrite, inputs=inputs, inside_ok=model_dir)
+    check_model_and_hub_data(args, specs)
     dense = dense_items = None
     if args.baseline:
         from llmprune.eval.harness import read_items, read_results
@@ -191,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         run_.results["baseline"] = baseline_block(dense, run_.results, dense_items, run_.items)
         for warning in run_.results["baseline"]["warnings"]:
             print(f"llmprune: warning: {warning}", file=sys.stderr)
-    with output_dir(args.output, args.overwrite) as tmp:
+    with output_dir(args.output, args.overwrite, inputs=inputs, inside_ok=model_dir) as tmp:
         harness.write_results(tmp, run_)
     print(task_table(run_.results))
     print(f"wrote {Path(args.output) / 'results.json'}")

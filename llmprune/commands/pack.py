@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--unpack", action="store_true",
                    help="the reverse: write the plain dense checkpoint that the packed DIR stands for")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -33,17 +34,9 @@ def _dir_bytes(path) -> int:
 
 
 def _read_sidecar(src) -> dict:
-    import json
+    from llmprune.io.save import SIDECAR_NAME, read_sidecar
 
-    from llmprune.errors import UserError
-    from llmprune.io.save import SIDECAR_NAME
-
-    if not (src / SIDECAR_NAME).is_file():
-        return {}
-    try:
-        return json.loads((src / SIDECAR_NAME).read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{src / SIDECAR_NAME} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return read_sidecar(src) if (src / SIDECAR_NAME).is_file() else {}
 
 
 def _unpack(args: argparse.Namespace, src, target, max_shard_size: int, unpack_sparse24) -> int:
@@ -55,7 +48,7 @@ def _unpack(args: argparse.Namespace, src, target, max_shard_size: int, unpack_s
     t0 = time.perf_counter()
     source_sidecar = _read_sidecar(src)
     packed_from = source_sidecar.get("packed_from") or {}
-    with output_dir(target, args.overwrite) as tmp:
+    with output_dir(target, args.overwrite, inputs=[src], expected_bytes=2 * _dir_bytes(src)) as tmp:
         result = unpack_sparse24(src, tmp, max_shard_size, trust_remote_code=args.trust_remote_code)
         sidecar = {k: v for k, v in source_sidecar.items()
                    if k not in ("format_version", "kind", "versions", "command", "wall_time_s", "peak_memory",
@@ -72,12 +65,12 @@ def _unpack(args: argparse.Namespace, src, target, max_shard_size: int, unpack_s
 
 
 def run(args: argparse.Namespace) -> int:
-    import resource
     import time
     from pathlib import Path
 
     from llmprune.errors import UserError
     from llmprune.io.checkpoint import CheckpointReader, packed_checkpoint_info, parse_size
+    from llmprune.io.files import format_bytes, peak_rss_bytes
     from llmprune.io.save import RECIPE_NAME, check_output_dir, output_dir, write_sidecar
 
     src = Path(args.model).expanduser()
@@ -85,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model} is not a local model directory (no config.json); give the output of "
                         "`llmprune compress` or a `save_pretrained` directory")
     max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
-    target = check_output_dir(args.output, args.overwrite)
-    if target == src.resolve():
-        raise UserError("--output must differ from the input directory (the input is never modified)")
+    target = check_output_dir(args.output, args.overwrite, inputs=[src])   # --overwrite never deletes the input
     CheckpointReader(src)   # missing, pickle-only, truncated or corrupt weights: one line, before any work
 
     from llmprune.io.load import load_model, load_tokenizer
@@ -110,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = None  # a weights-only directory: pack it anyway, say so below
     model = load_model(str(src), "auto", args.trust_remote_code)
 
-    with output_dir(target, args.overwrite) as tmp:
+    with output_dir(target, args.overwrite, inputs=[src], expected_bytes=_dir_bytes(src)) as tmp:
         info = save_sparse24(model, tokenizer, tmp, max_shard_size=max_shard_size)
         if (src / RECIPE_NAME).is_file():
             (tmp / RECIPE_NAME).write_text((src / RECIPE_NAME).read_text())
@@ -124,18 +115,16 @@ def run(args: argparse.Namespace) -> int:
         sidecar["pack"] = info
         sidecar["dtype"] = str(model.dtype).replace("torch.", "")
         sidecar["wall_time_s"] = round(time.perf_counter() - t0, 3)
-        sidecar["peak_memory"] = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                                  "cuda_bytes": None}
+        sidecar["peak_memory"] = {"cpu_rss_bytes": peak_rss_bytes(), "cuda_bytes": None}
         write_sidecar(tmp, sidecar)
         disk_in, disk_out = _dir_bytes(src), _dir_bytes(tmp)
 
-    mib = 2**20
     rows = [
         ("packed linears", f"{len(info['modules'])}"),
         ("dense linears", f"{len(info.get('dense_linears', {}))} ({', '.join(sorted(set(info.get('dense_linears', {}).values()))) or '-'})"),
-        ("linear weights", f"{info['bytes_dense'] / mib:,.1f} MiB -> {info['bytes_packed'] / mib:,.1f} MiB "
+        ("linear weights", f"{format_bytes(info['bytes_dense'])} -> {format_bytes(info['bytes_packed'])} "
                            f"({info['bytes_packed'] / info['bytes_dense']:.2%})"),
-        ("safetensors on disk", f"{disk_in / mib:,.1f} MiB -> {disk_out / mib:,.1f} MiB ({disk_out / max(disk_in, 1):.2%})"),
+        ("safetensors on disk", f"{format_bytes(disk_in)} -> {format_bytes(disk_out)} ({disk_out / max(disk_in, 1):.2%})"),
     ]
     if tokenizer is None:
         rows.append(("tokenizer", "none found in the input; not written"))

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from llmprune.calibration.data import check_source
-    from llmprune.commands.eval import load_for_eval, parse_eval_args
+    from llmprune.commands.eval import check_model_and_hub_data, load_for_eval, parse_eval_args
     from llmprune.errors import UserError
     from llmprune.eval import harness
     from llmprune.eval.report import build_report, summary_table
@@ -133,10 +133,17 @@ def run(args: argparse.Namespace) -> int:
     needs_data = any(r.needs_calibration() for r in recipes.values())
     calib_cfg = next(iter(recipes.values())).calibration if recipes and needs_data else None
     if calib_cfg is not None:
-        check_source(calib_cfg.data)
+        check_source(calib_cfg.data, check_hub=False)
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be >= 0")
-    check_output_dir(args.output, args.overwrite)
+    from llmprune.io.load import model_input_path
+
+    inputs = [model_input_path(args.model), args.calib_data, args.data_dir, *args.include_path,
+              *(t.strip() for t in (args.ppl_data or "").split(","))]    # --overwrite never deletes them
+    check_output_dir(args.output, args.overwrite, inputs=inputs)
+    check_model_and_hub_data(args, specs)
+    if calib_cfg is not None:
+        check_source(calib_cfg.data)             # c4 / wikitext2 with the Hub unreachable: say so now
 
     import llmprune
     from llmprune.api import check_recipe
@@ -162,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     dense_lm = ctx.lm
     structured = any(stage.kind != "prune" for r in recipes.values() for stage in r.stages)
     try:
-        with output_dir(args.output, args.overwrite) as tmp:
+        with output_dir(args.output, args.overwrite, inputs=inputs) as tmp:
             run_dirs = []
             for level in levels:
                 name = level_name(args.method, level)

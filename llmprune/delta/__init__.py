@@ -14,19 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _refuse_input_as_output(output, inputs) -> None:
-    """--overwrite must never replace (or delete a folder holding) one of the inputs."""
-    from llmprune.errors import UserError
-
-    target = Path(output).expanduser().resolve()
-    for name in inputs:
-        path = Path(name).expanduser()
-        if path.exists():
-            path = path.resolve()
-            if path == target or target in path.parents:
-                raise UserError(f"--output {output} would overwrite the input {name}; choose another directory")
-
-
 def prune_delta(base: str, finetuned: list[str] | str, output: str | Path, *, method: str = "dare",
                 drop_rate: float = 0.9, rescale: str | None = None, weights: list[float] | None = None,
                 lam: float = 1.0, seed: int = 0, exclude: list[str] | tuple = (), default_exclude: bool = True,
@@ -45,12 +32,11 @@ def prune_delta(base: str, finetuned: list[str] | str, output: str | Path, *, me
     from llmprune.io.save import RECIPE_NAME, output_dir, write_sidecar
 
     finetuned = [finetuned] if isinstance(finetuned, str) else list(finetuned)
-    _refuse_input_as_output(output, [base, *finetuned])
     spec = DeltaSpec(method=method, drop_rate=drop_rate, rescale=None if rescale is None else parse_rescale(rescale),
                      weights=None if weights is None else list(weights), lam=lam, seed=seed,
                      exclude=list(exclude), default_exclude=default_exclude)
     max_bytes = parse_size(max_shard_size)
-    with output_dir(output, overwrite=overwrite) as tmp:
+    with output_dir(output, overwrite=overwrite, inputs=[base, *finetuned]) as tmp:
         result = run_delta(base, finetuned, spec, tmp, max_shard_bytes=max_bytes, save_delta=save_delta,
                            calib=calib, trust_remote_code=trust_remote_code, progress=progress)
         (tmp / RECIPE_NAME).write_text(yaml.safe_dump(result["recipe"], sort_keys=False))
@@ -64,8 +50,7 @@ def apply_delta_dir(base: str, delta_dir: str | Path, output: str | Path, *, ove
     from llmprune.delta.apply import apply_delta
     from llmprune.io.save import output_dir, write_sidecar
 
-    _refuse_input_as_output(output, [base, delta_dir])
-    with output_dir(output, overwrite=overwrite) as tmp:
+    with output_dir(output, overwrite=overwrite, inputs=[base, delta_dir]) as tmp:
         result = apply_delta(base, delta_dir, tmp, progress=progress)
         sidecar = dict(result["sidecar"])
         sidecar.setdefault("kind", "delta")

@@ -86,16 +86,15 @@ class SparseDeltaWriter:
 
 
 def read_manifest(delta_dir: Path) -> dict:
+    from llmprune.io.files import read_json
+
     path = Path(delta_dir) / MANIFEST_NAME
     if not Path(delta_dir).is_dir():
         raise UserError(f"delta directory {delta_dir} does not exist")
     if not path.is_file():
-        raise UserError(f"{delta_dir} has no {MANIFEST_NAME}; give the `{DELTA_SUBDIR}` folder written by "
-                        "`llmprune delta ... --save-delta`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise UserError(f"{delta_dir} has no {MANIFEST_NAME} (nor a {DELTA_SUBDIR} folder with one); give the output "
+                        "of `llmprune delta ... --save-delta` or its `sparse_delta` folder")
+    manifest = read_json(path, "sparse delta manifest")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != 1:
         raise UserError(f"{path} is not an llmprune sparse delta (format {manifest.get('format')!r}, "
                         f"version {manifest.get('format_version')!r})")
@@ -123,12 +122,21 @@ def rebuild_tensor(entry: dict, delta: CheckpointReader, base_reader: Checkpoint
     return out
 
 
+def find_delta_dir(delta_dir: str | Path) -> Path:
+    """The sparse delta folder: `delta_dir` itself, or its `sparse_delta` subfolder (the output of
+    `llmprune delta --save-delta` given as a whole)."""
+    delta_dir = Path(delta_dir).expanduser()
+    if not (delta_dir / MANIFEST_NAME).is_file() and (delta_dir / DELTA_SUBDIR / MANIFEST_NAME).is_file():
+        return delta_dir / DELTA_SUBDIR
+    return delta_dir
+
+
 def apply_delta(base: str, delta_dir: str | Path, output: Path, progress: bool = True) -> dict:
     """Write `base + delta` into the existing empty directory `output`. Returns a summary dict."""
     from tqdm.auto import tqdm
 
     start = time.time()
-    delta_dir = Path(delta_dir)
+    delta_dir = find_delta_dir(delta_dir)
     manifest = read_manifest(delta_dir)
     base_dir = local_model_dir(base)
     base_reader = CheckpointReader(base_dir)

@@ -139,9 +139,9 @@ def run_sparsity(results: dict) -> float:
     target = sp.get("target")
     if isinstance(target, (int, float)):
         return float(target)
-    if isinstance(target, str) and ":" in target:  # N:M -> its density complement
+    if isinstance(target, str) and ":" in target:  # N:M = N zeros in every M weights: sparsity N/M
         n, m = target.split(":")
-        return 1 - int(n) / int(m)
+        return int(n) / int(m)
     return round(float(sp.get("achieved") or 0.0), 4)
 
 

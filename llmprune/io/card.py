@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +53,9 @@ def load_eval_results(directory: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(directory) / EVAL_RESULTS
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); rerun `llmprune eval` "
-                        f"or remove it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold an llmprune eval result (expected a JSON object)")
-    return data
+    from llmprune.io.files import read_json
+
+    return read_json(path, "eval results", "rerun `llmprune eval` or remove it")
 
 
 def is_generated_card(path: str | os.PathLike) -> bool:
@@ -76,16 +70,12 @@ def is_generated_card(path: str | os.PathLike) -> bool:
 
 
 def write_card(directory: str | os.PathLike, text: str) -> Path:
-    """Write README.md atomically (temp file in DIR, then rename), so a crash never leaves half a card."""
+    """Write README.md atomically (temp file in DIR, then rename), so a crash never leaves half a card
+    and a README.md that is a symlink (a Hub cache snapshot) is replaced, never written through."""
+    from llmprune.io.files import write_text_atomic
+
     directory = Path(directory)
-    fd, tmp = tempfile.mkstemp(prefix=".README.md.tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, directory / CARD_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(directory / CARD_NAME, text)
     return directory / CARD_NAME
 
 
@@ -115,14 +105,9 @@ def _num(x: Any) -> str:
 
 
 def _bytes(n: Any) -> str:
-    if not _is_num(n):
-        return str(n)
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+    from llmprune.io.files import format_bytes
+
+    return format_bytes(n) if _is_num(n) else str(n)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

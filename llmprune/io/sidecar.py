@@ -146,14 +146,9 @@ def read_sidecar(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{directory} is not an llmprune output (no {SIDECAR_NAME}); run `llmprune compress` or "
                         f"`llmprune delta` first")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        at = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise UserError(f"{path} is not valid JSON{at}; restore it from the original output or re-run") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not an llmprune sidecar (expected a JSON object)")
-    return data
+    from llmprune.io.files import read_json
+
+    return read_json(path, SIDECAR_NAME, "it was edited or damaged; rewrite it or rerun the command that made it")
 
 
 def stages(sidecar: dict[str, Any]) -> list[dict[str, Any]]:
