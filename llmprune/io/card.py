@@ -258,7 +258,7 @@ def front_matter(directory: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
 
     tags = ["llmprune"]
     if kind in ("compress", "pack"):
-        tags += ["pruned"] + (["sparse"] if _pattern(sidecar) else [])
+        tags += ["pruned"] + (["sparse"] if _pattern(sidecar) or kind == "pack" else [])
         if sidecar_io.is_structured(sidecar):
             tags.append("structured-pruning")
         pattern = _pattern(sidecar)

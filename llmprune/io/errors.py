@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from llmprune.errors import UserError
+from llmprune.io.checkpoint import CORRUPT_FIX
 
 # import name -> what to pip install (only where the two differ or an extra is the right answer)
 _PIP_NAMES = {"triton": "'llmprune[kernels]' (or pip install triton)", "lm_eval": "lm-eval",
@@ -23,15 +24,12 @@ _PIP_NAMES = {"triton": "'llmprune[kernels]' (or pip install triton)", "lm_eval"
 
 
 def check_safetensors(files: Iterable[str | os.PathLike]) -> None:
-    """Read each file's header (cheap: no tensor data) and refuse a truncated or corrupt one by name."""
-    from safetensors import SafetensorError, safe_open
+    """Read each file's header (cheap: no tensor data) and refuse a truncated or corrupt one by name
+    (the IO layer's header check: it also sees data offsets that run past the end of the file)."""
+    from llmprune.io.checkpoint import read_header
 
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise UserError(f"{path} is truncated or corrupt ({_first_line(exc)}); copy or download it again") from None
+        read_header(path)
 
 
 def local_weight_files(directory: str | os.PathLike) -> list[Path]:
@@ -106,7 +104,7 @@ def explain(exc: BaseException, where: str | os.PathLike | None = None) -> UserE
         if where and Path(where).is_dir():
             check_safetensors(local_weight_files(where))       # names the damaged file when it can
         return UserError(f"a safetensors file{f' in {where}' if where else ''} is truncated or corrupt "
-                         f"({_first_line(exc)}); copy or download it again")
+                         f"({_first_line(exc)}); {CORRUPT_FIX}")
     if "ignore_mismatched_sizes" in text or "size mismatch" in text:
         return UserError(f"the weights{f' in {where}' if where else ''} do not match the shapes config.json "
                          "describes; the weights and config.json are from different models")
