@@ -1,0 +1,185 @@
+"""Each family's routing, reproduced from `families.RouterConfig`, and the MoE block's output computed
+expert by expert from the 2-D per-expert views.
+
+`route(..., keep=...)` routes as the model will after an expert drop: the removed experts' logits are
+excluded before top-k (softmax over the kept logits only, group-limited selection over the kept experts
+regrouped into `n_group` contiguous groups) -- which is exactly what the edited router computes, since
+the kept router rows, biases and correction biases are unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmprune.errors import UserError
+from llmprune.moe.families import (RouterConfig, expert_activation, experts_of, router_tensors)
+
+
+@dataclass
+class Routing:
+    indices: torch.Tensor   # [T, k] long: chosen experts (original numbering), in descending choice order
+    weights: torch.Tensor   # [T, k] float32: what the block multiplies each chosen expert's output by
+    scores: torch.Tensor    # [T, E] float32: softmax probability / sigmoid score of every expert (0 where removed)
+
+    def renormalized(self) -> torch.Tensor:
+        """[T, k] the chosen weights divided by their per-token sum (REAP's default gate)."""
+        return self.weights / self.weights.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+# --------------------------------------------------------------------------------------------
+# keep-set validation (shared by the criteria and the edit)
+
+
+def validate_kept_count(rcfg: RouterConfig, kept: int) -> None:
+    """Raise UserError unless `kept` experts per layer can route: top_k ≤ kept ≤ E, and for group-limited
+    routers an equal count per group that still lets every group be scored and top_k be chosen."""
+    if not 1 <= kept <= rcfg.num_experts:
+        raise UserError(f"experts to keep must be between 1 and {rcfg.num_experts}, got {kept}")
+    if kept < rcfg.top_k:
+        raise UserError(f"cannot keep {kept} experts: the router chooses top_k={rcfg.top_k} per token; "
+                        f"keep at least {rcfg.top_k}")
+    if rcfg.grouped:
+        if kept % rcfg.n_group:
+            raise UserError(f"cannot keep {kept} experts: the router splits experts into n_group={rcfg.n_group} "
+                            f"groups, so the kept count must be a multiple of {rcfg.n_group}")
+        per_group = kept // rcfg.n_group
+        if per_group < rcfg.group_score_topk:
+            raise UserError(f"cannot keep {kept} experts: each of the {rcfg.n_group} groups would keep {per_group}, "
+                            f"but a group's score needs its {rcfg.group_score_topk} best experts; keep at least "
+                            f"{rcfg.n_group * rcfg.group_score_topk}")
+        if rcfg.topk_group * per_group < rcfg.top_k:
+            raise UserError(f"cannot keep {kept} experts: the topk_group={rcfg.topk_group} chosen groups would hold "
+                            f"{rcfg.topk_group * per_group} experts, fewer than top_k={rcfg.top_k}")
+
+
+def validate_keep(rcfg: RouterConfig, keep: Sequence[int]) -> list[int]:
+    """Sorted list of kept expert indices; UserError if they are not a valid keep set for this router."""
+    keep = [int(e) for e in keep]
+    if sorted(set(keep)) != sorted(keep):
+        raise UserError(f"kept experts repeat an index: {keep}")
+    keep = sorted(keep)
+    if keep and (keep[0] < 0 or keep[-1] >= rcfg.num_experts):
+        raise UserError(f"kept experts must lie in [0, {rcfg.num_experts}), got {keep}")
+    validate_kept_count(rcfg, len(keep))
+    if rcfg.grouped:
+        size = rcfg.num_experts // rcfg.n_group
+        per_group = [sum(1 for e in keep if e // size == g) for g in range(rcfg.n_group)]
+        if len(set(per_group)) != 1:
+            raise UserError(f"a group-limited router must keep the same number of experts in every group; "
+                            f"kept per group: {per_group}")
+    return keep
+
+
+# --------------------------------------------------------------------------------------------
+# routing
+
+
+def router_logits(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.Tensor) -> torch.Tensor:
+    """[T, E] float32 router logits of hidden states x [T, H], computed in the dtype the family uses."""
+    weight, bias, _ = router_tensors(block, family)
+    if rcfg.logits_float32:
+        logits = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    else:
+        logits = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return logits.float()
+
+
+def route(logits: torch.Tensor, rcfg: RouterConfig, correction_bias: torch.Tensor | None = None,
+          keep: Sequence[int] | None = None) -> Routing:
+    """Top-k indices and weights from router logits [T, E], as the family's router computes them.
+
+    With `keep`, route as the model will once every other expert is removed (see module doc).
+    """
+    if keep is not None:
+        keep = validate_keep(rcfg, keep)
+        keep_index = torch.tensor(keep, dtype=torch.long, device=logits.device)
+        sub = route(logits.index_select(1, keep_index), rcfg.with_experts(len(keep)),
+                    None if correction_bias is None else correction_bias.index_select(0, keep_index))
+        scores = logits.new_zeros(logits.shape, dtype=torch.float32)
+        scores[:, keep_index] = sub.scores
+        return Routing(indices=keep_index[sub.indices], weights=sub.weights, scores=scores)
+
+    logits = logits.float()
+    tokens, count = logits.shape
+    if count != rcfg.num_experts:
+        raise ValueError(f"logits have {count} experts, router config {rcfg.num_experts}")
+    if rcfg.scoring == "softmax":
+        scores = torch.softmax(logits, dim=-1)                              # [T, E]
+    elif rcfg.scoring == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        raise ValueError(f"unknown router scoring '{rcfg.scoring}'")
+    # The correction bias only steers the choice; the weights come from the unbiased scores.
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if rcfg.grouped:
+        per_group = count // rcfg.n_group
+        group_scores = choice.view(tokens, rcfg.n_group, per_group).topk(rcfg.group_score_topk, dim=-1)[0].sum(-1)
+        group_index = torch.topk(group_scores, k=rcfg.topk_group, dim=-1)[1]          # [T, topk_group]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_index, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(per_group, dim=1), float("-inf"))
+    indices = torch.topk(choice, k=rcfg.top_k, dim=-1)[1]                   # [T, k]
+    weights = scores.gather(1, indices)
+    if rcfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + rcfg.renorm_eps)
+    weights = weights * rcfg.routed_scaling_factor
+    return Routing(indices=indices, weights=weights, scores=scores)
+
+
+def route_block(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.Tensor,
+                keep: Sequence[int] | None = None) -> Routing:
+    """Route hidden states x [T, H] through the block's router (optionally as if only `keep` remained)."""
+    _, _, correction = router_tensors(block, family)
+    return route(router_logits(block, family, rcfg, x), rcfg, correction, keep)
+
+
+# --------------------------------------------------------------------------------------------
+# expert and block outputs from 2-D per-expert views
+
+
+def expert_forward(block: nn.Module, family: dict, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down input h = act(gate x) · up x [t, I], unweighted expert output [t, H]) of one expert on x [t, H]."""
+    experts = experts_of(block, family)
+    gate_up = getattr(experts, family["gate_up_proj"])[expert]             # [2I, H]
+    down = getattr(experts, family["down_proj"])[expert]                   # [H, I]
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)                       # the model's own op order
+    hidden = expert_activation(block, family)(gate) * up
+    return hidden, F.linear(hidden, down)
+
+
+def all_expert_outputs(block: nn.Module, family: dict, x: torch.Tensor,
+                       experts: Sequence[int] | None = None) -> torch.Tensor:
+    """[len(experts), T, H] every listed expert's unweighted output on every token of x [T, H]."""
+    experts = range(getattr(experts_of(block, family), family["gate_up_proj"]).shape[0]) if experts is None else experts
+    return torch.stack([expert_forward(block, family, e, x)[1] for e in experts])
+
+
+def routed_output(block: nn.Module, family: dict, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """[T, H] Σ over each token's chosen experts of weight × expert output (the routed part of the block)."""
+    out = torch.zeros_like(x)
+    for expert in routing.indices.unique().tolist():
+        token, slot = torch.where(routing.indices == expert)
+        _, y = expert_forward(block, family, expert, x[token])
+        out.index_add_(0, token, (y * routing.weights[token, slot, None]).to(out.dtype))
+    return out
+
+
+def shared_output(block: nn.Module, family: dict, x: torch.Tensor) -> torch.Tensor | None:
+    """[T, H] the always-on shared expert's (gated) output, or None for families without one."""
+    if not family["shared_expert"]:
+        return None
+    out = getattr(block, family["shared_expert"])(x)
+    if family["shared_expert_gate"]:
+        out = torch.sigmoid(getattr(block, family["shared_expert_gate"])(x)) * out
+    return out
+
+
+def block_output(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.Tensor,
+                 keep: Sequence[int] | None = None) -> torch.Tensor:
+    """[T, H] the MoE block's output on x [T, H] (shared expert included), optionally as if only `keep` remained."""
+    out = routed_output(block, family, x, route_block(block, family, rcfg, x, keep))
+    shared = shared_output(block, family, x)
+    return out if shared is None else out + shared
