@@ -81,6 +81,18 @@ def test_tiny_moe_builds_generates_and_reloads(model_type, tmp_path):
     assert len(built) >= 2 and (model_type not in ("qwen2_moe", "deepseek_v3") or len(built) < len(layers))
 
 
+def test_expert_weight_views_are_2d_views_of_the_fused_parameters():
+    model = tiny_model("qwen3_moe")
+    family = families.family_for(model)
+    block = families.moe_blocks(model)[0]
+    views = families.expert_weight_views(block, family, 3)
+    assert views["gate_up_proj"].shape == (64, 64) and views["down_proj"].shape == (64, 32)   # [out, in]
+    views["down_proj"][0, 0] = 7.0
+    assert block.experts.down_proj[3, 0, 0] == 7.0
+    gate, up, down = families.expert_matrices(block, family, 3)
+    assert torch.equal(torch.cat([gate, up]), block.experts.gate_up_proj[3]) and down[0, 0] == 7.0
+
+
 # --------------------------------------------------------------------------------------------
 # routing
 
@@ -288,6 +300,11 @@ def test_per_expert_statistics_equal_slow_reference(model_type):
                 model(ids)
     with torch.no_grad():
         reference = slow_expert_reference(model, inputs)
+        with observe.observing(model, layers=[layers[-1]]) as one_layer:
+            for ids in batches:
+                model(ids)
+    assert list(one_layer) == [layers[-1]]
+    assert torch.equal(one_layer[layers[-1]].routed_count, stats[layers[-1]].routed_count)
     for layer in layers:
         s, ref = stats[layer], reference[layer]
         assert s.n_tokens == inputs[layer].shape[0] == 2 * 2 * 24

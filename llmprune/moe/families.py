@@ -221,11 +221,19 @@ def router_tensors(block: nn.Module, family: dict) -> tuple[torch.Tensor, torch.
 
 def expert_matrices(block: nn.Module, family: dict, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D views (gate [I, H], up [I, H], down [H, I]) of one routed expert; in-place edits reach the model."""
-    experts = experts_of(block, family)
-    gate_up = getattr(experts, family["gate_up_proj"]).data[expert]        # [2I, H]
-    down = getattr(experts, family["down_proj"]).data[expert]              # [H, I]
+    views = expert_weight_views(block, family, expert)
+    gate_up, down = views[family["gate_up_proj"]], views[family["down_proj"]]   # [2I, H], [H, I]
     inter = gate_up.shape[0] // 2
     return gate_up[:inter], gate_up[inter:], down
+
+
+def expert_weight_views(block: nn.Module, family: dict, expert: int) -> dict[str, torch.Tensor]:
+    """The expert's two matrices as 2-D `[out_features, in_features]` views, keyed by the fused parameter
+    name: gate_up [2I, H] (input: the token x; `observe` gate_up_inputs) and down [H, I] (input:
+    act(gate x)·up x; `observe` down_inputs). In-place edits (pruning masks) reach the model."""
+    experts = experts_of(block, family)
+    return {family["gate_up_proj"]: getattr(experts, family["gate_up_proj"]).data[expert],
+            family["down_proj"]: getattr(experts, family["down_proj"]).data[expert]}
 
 
 def expert_activation(block: nn.Module, family: dict):
