@@ -398,18 +398,24 @@ def test_reconstruction_and_reap_beat_random_on_layer_output_error(kept):
             assert reap_error < mean_random
 
 
-def test_greedy_reconstruction_above_eight_experts():
-    model = tiny_model("olmoe", num_experts=12)
+@pytest.mark.parametrize("model_type,overrides", [("olmoe", dict(num_experts=12)),
+                                                   ("deepseek_v3", dict(n_routed_experts=16))])
+def test_greedy_reconstruction_above_eight_experts(model_type, overrides):
+    model = tiny_model(model_type, **overrides)
     family, rcfg = families.family_for(model), families.router_config(model)
-    block = families.moe_blocks(model)[0]
+    block = next(iter(families.moe_blocks(model).values()))
+    count = rcfg.num_experts
     with torch.no_grad():
         families.router_tensors(block, family)[0].mul_(40)
-        block.experts.down_proj.mul_(torch.linspace(0.1, 3.0, 12)[:, None, None])
+        block.experts.down_proj.mul_(torch.linspace(0.1, 3.0, count)[torch.randperm(count)][:, None, None])
     x = torch.randn(400, 64, generator=torch.Generator().manual_seed(0))
-    keep, error = criteria.keep_reconstruction(block, family, rcfg, x, 9)
-    assert len(keep) == 9 and error == pytest.approx(criteria.moe_output_error(block, family, rcfg, x, keep))
-    # Greedy removal of 3 of 12 is no worse than the best random keep set among a few.
-    random_best = min(criteria.moe_output_error(block, family, rcfg, x, criteria.keep_random(rcfg, 9, s))
+    kept = 8 if rcfg.grouped else 9
+    keep, error = criteria.keep_reconstruction(block, family, rcfg, x, kept)
+    assert len(keep) == kept and error == pytest.approx(criteria.moe_output_error(block, family, rcfg, x, keep))
+    if rcfg.grouped:   # 2 groups of 8 -> 4 + 4
+        assert sum(e < 8 for e in keep) == sum(e >= 8 for e in keep) == 4
+    # Greedy removal is no worse than the best of a few random keep sets.
+    random_best = min(criteria.moe_output_error(block, family, rcfg, x, criteria.keep_random(rcfg, kept, s))
                       for s in range(5))
     assert error <= random_best
 

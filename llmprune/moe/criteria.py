@@ -120,17 +120,18 @@ def _chunks(x: torch.Tensor, size: int = CHUNK_TOKENS):
 
 @torch.no_grad()
 def keep_set_errors(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.Tensor,
-                    keep_sets: Sequence[Sequence[int]]) -> list[float]:
+                    keep_sets: Sequence[Sequence[int]], balanced: bool = True) -> list[float]:
     """‖Z − Z_S‖_F over the tokens x [T, H] for every keep set S: Z is the routed output of the block with
-    all its experts, Z_S with only S (router restricted to S). The shared expert cancels out."""
+    all its experts, Z_S with only S (router restricted to S). The shared expert cancels out.
+    `balanced=False` admits a greedy search's unequal-group sets (`routing.validate_keep`)."""
     experts = list(range(rcfg.num_experts))
-    keep_sets = [validate_keep(rcfg, s) for s in keep_sets]
+    keep_sets = [validate_keep(rcfg, s, balanced) for s in keep_sets]
     sq = torch.zeros(len(keep_sets), dtype=torch.float64)
     for xc in _chunks(x.reshape(-1, x.shape[-1])):
         outputs = torch.stack([expert_forward(block, family, e, xc)[1] for e in experts]).double()  # [E', t, H]
         full = _combine(outputs, route_block(block, family, rcfg, xc), experts)
         for i, keep in enumerate(keep_sets):
-            diff = full - _combine(outputs, route_block(block, family, rcfg, xc, keep), experts)
+            diff = full - _combine(outputs, route_block(block, family, rcfg, xc, keep, balanced), experts)
             sq[i] += (diff * diff).sum()
     return sq.sqrt().tolist()
 
@@ -167,7 +168,7 @@ def keep_reconstruction(block: nn.Module, family: dict, rcfg: RouterConfig, x: t
         left = [sum(1 for k in keep if k // group_size == g) for g in range(rcfg.n_group)]
         removable = [e for e in keep if left[e // group_size] > per_group]
         candidates = [[k for k in keep if k != e] for e in removable]
-        errors = keep_set_errors(block, family, rcfg, x, candidates)
+        errors = keep_set_errors(block, family, rcfg, x, candidates, balanced=False)
         best = min(range(len(candidates)), key=lambda i: (errors[i], removable[i]))
         keep, error = candidates[best], errors[best]
     return keep, error

@@ -2,9 +2,10 @@
 expert by expert from the 2-D per-expert views.
 
 `route(..., keep=...)` routes as the model will after an expert drop: the removed experts' logits are
-excluded before top-k (softmax over the kept logits only, group-limited selection over the kept experts
-regrouped into `n_group` contiguous groups) -- which is exactly what the edited router computes, since
-the kept router rows, biases and correction biases are unchanged.
+excluded before top-k (Lu et al.'s `logits[:, removed] = -inf`: softmax over the kept logits only; a
+sigmoid router never chooses them; group-limited selection over the kept experts of each contiguous
+group) -- which is what the edited router computes, since the kept router rows, biases and correction
+biases are unchanged and a balanced keep set regroups the kept experts into the same groups.
 """
 from __future__ import annotations
 
@@ -56,21 +57,31 @@ def validate_kept_count(rcfg: RouterConfig, kept: int) -> None:
                             f"{rcfg.topk_group * per_group} experts, fewer than top_k={rcfg.top_k}")
 
 
-def validate_keep(rcfg: RouterConfig, keep: Sequence[int]) -> list[int]:
-    """Sorted list of kept expert indices; UserError if they are not a valid keep set for this router."""
+def validate_keep(rcfg: RouterConfig, keep: Sequence[int], balanced: bool = True) -> list[int]:
+    """Sorted list of kept expert indices; UserError if they are not a valid keep set for this router.
+
+    `balanced=False` also accepts the intermediate sets of a greedy search on a group-limited router
+    (unequal groups, each still able to be scored); only balanced sets can become a model.
+    """
     keep = [int(e) for e in keep]
-    if sorted(set(keep)) != sorted(keep):
+    if len(set(keep)) != len(keep):
         raise UserError(f"kept experts repeat an index: {keep}")
     keep = sorted(keep)
     if keep and (keep[0] < 0 or keep[-1] >= rcfg.num_experts):
         raise UserError(f"kept experts must lie in [0, {rcfg.num_experts}), got {keep}")
-    validate_kept_count(rcfg, len(keep))
-    if rcfg.grouped:
-        size = rcfg.num_experts // rcfg.n_group
-        per_group = [sum(1 for e in keep if e // size == g) for g in range(rcfg.n_group)]
+    if not rcfg.grouped:
+        validate_kept_count(rcfg, len(keep))
+        return keep
+    size = rcfg.num_experts // rcfg.n_group
+    per_group = [sum(1 for e in keep if e // size == g) for g in range(rcfg.n_group)]
+    if balanced:
+        validate_kept_count(rcfg, len(keep))
         if len(set(per_group)) != 1:
             raise UserError(f"a group-limited router must keep the same number of experts in every group; "
                             f"kept per group: {per_group}")
+    elif min(per_group) < rcfg.group_score_topk or sum(sorted(per_group)[:rcfg.topk_group]) < rcfg.top_k:
+        raise UserError(f"kept per group {per_group} cannot route top_k={rcfg.top_k} from topk_group="
+                        f"{rcfg.topk_group} groups scored by their {rcfg.group_score_topk} best experts")
     return keep
 
 
@@ -89,33 +100,37 @@ def router_logits(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.T
 
 
 def route(logits: torch.Tensor, rcfg: RouterConfig, correction_bias: torch.Tensor | None = None,
-          keep: Sequence[int] | None = None) -> Routing:
+          keep: Sequence[int] | None = None, balanced: bool = True) -> Routing:
     """Top-k indices and weights from router logits [T, E], as the family's router computes them.
 
-    With `keep`, route as the model will once every other expert is removed (see module doc).
+    With `keep`, route as the model will once every other expert is removed: removed experts get a -inf
+    logit (softmax) / a 0 score and are never chosen (see module doc). `balanced=False` admits the
+    unequal-group intermediate sets of a greedy search (`validate_keep`).
     """
-    if keep is not None:
-        keep = validate_keep(rcfg, keep)
-        keep_index = torch.tensor(keep, dtype=torch.long, device=logits.device)
-        sub = route(logits.index_select(1, keep_index), rcfg.with_experts(len(keep)),
-                    None if correction_bias is None else correction_bias.index_select(0, keep_index))
-        scores = logits.new_zeros(logits.shape, dtype=torch.float32)
-        scores[:, keep_index] = sub.scores
-        return Routing(indices=keep_index[sub.indices], weights=sub.weights, scores=scores)
-
     logits = logits.float()
     tokens, count = logits.shape
     if count != rcfg.num_experts:
         raise ValueError(f"logits have {count} experts, router config {rcfg.num_experts}")
+    removed = None
+    if keep is not None:
+        keep = validate_keep(rcfg, keep, balanced)
+        removed = torch.ones(count, dtype=torch.bool, device=logits.device)
+        removed[keep] = False
     if rcfg.scoring == "softmax":
-        scores = torch.softmax(logits, dim=-1)                              # [T, E]
+        scores = torch.softmax(logits if removed is None else logits.masked_fill(removed, float("-inf")), dim=-1)
     elif rcfg.scoring == "sigmoid":
         scores = logits.sigmoid()
+        if removed is not None:
+            scores = scores.masked_fill(removed, 0.0)
     else:
         raise ValueError(f"unknown router scoring '{rcfg.scoring}'")
     # The correction bias only steers the choice; the weights come from the unbiased scores.
     choice = scores if correction_bias is None else scores + correction_bias.float()
+    if removed is not None:
+        choice = choice.masked_fill(removed, float("-inf"))
     if rcfg.grouped:
+        # Kept experts stay in their original contiguous groups, which is how the edited router regroups
+        # them (every group keeps the same count, in order).
         per_group = count // rcfg.n_group
         group_scores = choice.view(tokens, rcfg.n_group, per_group).topk(rcfg.group_score_topk, dim=-1)[0].sum(-1)
         group_index = torch.topk(group_scores, k=rcfg.topk_group, dim=-1)[1]          # [T, topk_group]
@@ -130,10 +145,10 @@ def route(logits: torch.Tensor, rcfg: RouterConfig, correction_bias: torch.Tenso
 
 
 def route_block(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.Tensor,
-                keep: Sequence[int] | None = None) -> Routing:
+                keep: Sequence[int] | None = None, balanced: bool = True) -> Routing:
     """Route hidden states x [T, H] through the block's router (optionally as if only `keep` remained)."""
     _, _, correction = router_tensors(block, family)
-    return route(router_logits(block, family, rcfg, x), rcfg, correction, keep)
+    return route(router_logits(block, family, rcfg, x), rcfg, correction, keep, balanced)
 
 
 # --------------------------------------------------------------------------------------------
