@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--merge-base", default="reap")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--show-share", action="store_true",
+                        help="print each pruned model's routed-token share per kept expert (calibration tokens)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,6 +123,13 @@ def main() -> None:
             for seed in seeds:
                 pruned, report, seconds = run_one(model, criterion, kept, inputs, stats, seed, args.merge_base)
                 results.append((ppl(pruned), layer_errors(model, pruned, inputs), report, seconds))
+                if args.show_share:
+                    with observing(pruned) as after, torch.no_grad():
+                        for ids in batches:
+                            pruned(input_ids=ids, use_cache=False)
+                    for layer, s in after.items():
+                        share = " ".join(f"{e}:{100 * v:4.1f}" for e, v in zip(report.kept[layer], s.routed_share().tolist()))
+                        print(f"      layer {layer} routed share % after: {share}")
             ppls = [r[0] for r in results]
             mean_ppl = sum(ppls) / len(ppls)
             err = sum(r[1] for r in results) / len(results)

@@ -350,7 +350,8 @@ def select_experts(model: nn.Module, criterion: str, kept: int, inputs: dict[int
     if criterion not in CRITERIA:
         raise UserError(f"unknown expert criterion '{criterion}'; choose one of {', '.join(CRITERIA)}")
     needs_inputs = criterion in ("reconstruction", "merge")
-    needs_stats = criterion in ("frequency", "router-weight", "reap") or (criterion == "merge")
+    scored = ("frequency", "router-weight", "reap")
+    needs_stats = criterion in scored or (criterion == "merge" and (merge_base in scored or merge_mode == "average"))
     blocks = moe_blocks(model)
     for index in blocks:
         if needs_inputs and (inputs is None or index not in inputs):
