@@ -258,10 +258,6 @@ class RouterConfig:
     def grouped(self) -> bool:
         return self.n_group > 1
 
-    def with_experts(self, count: int) -> "RouterConfig":
-        from dataclasses import replace
-        return replace(self, num_experts=count)
-
 
 def router_config(model_or_config) -> RouterConfig:
     config = _config_of(model_or_config)
