@@ -27,6 +27,7 @@ class LinearStats:
     """Statistics of one linear's inputs over all calibration tokens (float32)."""
     n_tokens: int = 0
     input_sq_norm: torch.Tensor | None = None   # [in]      sum_t x_tj^2   (Wanda)
+    input_sum: torch.Tensor | None = None       # [in]      sum_t x_tj     (DSnoT: mean, variance)
     hessian: torch.Tensor | None = None         # [in, in]  sum_t x_t x_t^T (SparseGPT; H up to scale)
     # What a method derives from these statistics alone (e.g. SparseGPT's inverse Hessian factor),
     # memoised here: linears that share an input (q/k/v, gate/up) share one LinearStats.
@@ -37,7 +38,7 @@ class LinearStats:
 class MethodSpec:
     name: str
     fn: Callable
-    needs: frozenset[str]                       # subset of {"input_sq_norm", "hessian"}
+    needs: frozenset[str]                       # subset of {"input_sq_norm", "input_sum", "hessian"}
     params: dict[str, inspect.Parameter] = field(default_factory=dict)
     summary: str = ""
     true_sequential: bool = False               # default calibration schedule (see recipe.Stage)
@@ -81,4 +82,4 @@ def get_method(name: str) -> MethodSpec:
 
 
 # Importing the modules registers them.
-from llmprune.methods import magnitude, sparsegpt, wanda  # noqa: E402,F401
+from llmprune.methods import alps, magnitude, sparsegpt, wanda  # noqa: E402,F401
