@@ -16,7 +16,7 @@ What is measured
 - trained model (`--model DIR`): every linear of decoder layer `--layer` of a saved Llama, its inputs
   captured on the dense model from 64 x 256-token stdlib windows (the statistics the engine collects).
 
-Rows: sparsegpt (block 128, damp 0.01); sparsegpt+refit (its mask, kept weights refit by 20 CG steps);
+Rows: sparsegpt (block 128, damp 0.01); sparsegpt+refit[:K] (its mask, kept weights refit by K = 20 CG steps);
 alps (default: 30 ADMM iterations + 10 CG); alps-norefit (same, refit_iters=0); alps-ref (the reference
 schedule, max_iter 300); alps:I:R (max_iter I, refit_iters R; e.g. --rows sparsegpt,alps:6:5); wanda; wanda+dsnot (reference DSnoT, 50 cycles, Hessian guard on);
 wanda+dsnot+refit.
@@ -101,9 +101,10 @@ def run_row(row: str, weight: torch.Tensor, stats: LinearStats, pattern) -> tupl
     t0 = time.perf_counter()
     if row == "sparsegpt":
         out = METHODS["sparsegpt"].fn(weight.clone(), fresh(stats), pattern)
-    elif row == "sparsegpt+refit":
+    elif row.startswith("sparsegpt+refit"):             # sparsegpt+refit[:<iters>] (default 20)
+        iters = int(row.split(":")[1]) if ":" in row else 20
         base = METHODS["sparsegpt"].fn(weight.clone(), fresh(stats), pattern)
-        out = refit_on_mask(weight, base != 0, stats.hessian, n_tokens=stats.n_tokens, init=base)
+        out = refit_on_mask(weight, base != 0, stats.hessian, iters=iters, n_tokens=stats.n_tokens, init=base)
     elif row == "alps":
         out = METHODS["alps"].fn(weight.clone(), fresh(stats), pattern)
     elif row == "alps-norefit":

@@ -49,6 +49,10 @@ class LevelGrid:
     def level(self, offset: int) -> float:
         return self.target + offset * self.step
 
+    def sparsities(self, offsets: Sequence[int]) -> list[float]:
+        """The per-unit sparsities of an assignment of offsets."""
+        return [self.level(k) for k in offsets]
+
 
 def integer_weights(weights: Sequence[int]) -> list[int]:
     """Parameter counts divided by their gcd (Σ w·k = 0 is then solved over small integers)."""

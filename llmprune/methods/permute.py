@@ -35,11 +35,24 @@ from llmprune.errors import UserError
 PAIR_CHUNK_ELEMENTS = 1 << 24     # floats per chunk of the [pairs, M, M, rows] swap-gain tensor
 
 
+def _kept_in_group(values: torch.Tensor, keep: int) -> torch.Tensor:
+    """values [G, m, rows] -> bool [G, m, rows]: is column i among the `keep` largest of its group (per
+    row; ties to the lower index, like a stable sort). m comparisons instead of a sort along a short,
+    non-contiguous dim, which is slow."""
+    m = values.shape[1]
+    rank = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    index = torch.arange(m, device=values.device).view(1, m, 1)
+    for j in range(m):
+        other = values[:, j:j + 1]                                          # [G, 1, rows]
+        rank += (other > values) | ((other == values) & (j < index))
+    return rank < keep
+
+
 def nm_retained(score: torch.Tensor, n: int, m: int) -> float:
     """Σ over rows and M-groups of the M−N largest scores: what N:M selection keeps of `score` [out, in]."""
     rows, cols = score.shape
-    kept = torch.topk(score.reshape(rows, cols // m, m), m - n, dim=-1).values
-    return float(kept.sum(dtype=torch.float64))
+    values = score.reshape(rows, cols // m, m).permute(1, 2, 0)            # [G, m, rows]
+    return float((values * _kept_in_group(values, m - n)).sum(dtype=torch.float64))
 
 
 def _block_sizes(cols: int, m: int, blocks: int | Sequence[int] | None) -> list[int]:
@@ -83,30 +96,39 @@ def _random_pairs(group_block: torch.Tensor, generator: torch.Generator) -> tupl
 
 def _swap_round(score: torch.Tensor, perm: torch.Tensor, n: int, m: int, a: torch.Tensor, b: torch.Tensor
                 ) -> torch.Tensor:
-    """One round of best-swap-per-pair; returns the new perm (the caller checks the total)."""
+    """One round of best-swap-per-pair; returns the new perm (the caller checks the total).
+
+    For group g, row r, with column i removed, the K-th largest of what is left is the (K+1)-th of the
+    group if i was in the top K, else the K-th: two values per (g, r). So the retained score after
+    swapping column i of a with column j of b is, summed over rows, a sum over "i in top K" masks
+    times relu terms, i.e. batched [m, rows] x [rows, m] products, not an [m, m, rows] tensor.
+    """
     rows, cols = score.shape
     keep = m - n
-    values = score[:, perm].reshape(rows, cols // m, m).permute(1, 2, 0)   # [G, m, rows]
-    ranked, order = torch.sort(values, dim=1, descending=True)             # [G, m, rows]
-    rank = torch.argsort(order, dim=1)                                     # rank of each column in its group
-    top_k = ranked[:, :keep].sum(1)                                        # [G, rows] retained now
-    kth, next_after = ranked[:, keep - 1], ranked[:, keep]                 # K-th and (K+1)-th largest
-    in_top = rank < keep                                                   # [G, m, rows]
-    # Without column i: retained topK(S) and the K-th largest of S, per group, position, row.
-    without = torch.where(in_top, (top_k + next_after).unsqueeze(1) - values, top_k.unsqueeze(1))
-    threshold = torch.where(in_top, next_after.unsqueeze(1), kth.unsqueeze(1))
-    loss = (without - top_k.unsqueeze(1)).sum(-1)                          # [G, m]  ≤ 0
+    values = score[:, perm].reshape(rows, cols // m, m).permute(1, 2, 0).contiguous()   # [G, m, rows]
+    kept = _kept_in_group(values, keep)                                    # column i among the K kept?
+    in_top = kept.to(values.dtype)
+    kth = torch.where(kept, values, torch.inf).amin(1)                     # [G, rows] K-th largest
+    after = torch.where(kept, -torch.inf, values).amax(1)                  # (K+1)-th largest
+    # Retained change from removing column i (≤ 0): in the top K, the (K+1)-th moves up in its place.
+    loss = (in_top * (after.unsqueeze(1) - values)).sum(-1)                # [G, m]
 
     new_perm = perm.clone()
-    per_pair = m * m * rows
-    step = max(1, PAIR_CHUNK_ELEMENTS // per_pair)
+    step = max(1, PAIR_CHUNK_ELEMENTS // (m * rows))
     for s in range(0, a.numel(), step):
         pa, pb = a[s:s + step], b[s:s + step]
-        into_a = torch.relu(values[pb].unsqueeze(1) - threshold[pa].unsqueeze(2)).sum(-1)  # [P, i, j]: b_j into a
-        into_b = torch.relu(values[pa].unsqueeze(2) - threshold[pb].unsqueeze(1)).sum(-1)  # [P, i, j]: a_i into b
-        gain = into_a + into_b + loss[pa].unsqueeze(2) + loss[pb].unsqueeze(1)            # [P, m, m]
+        va, vb, top_a, top_b = values[pa], values[pb], in_top[pa], in_top[pb]   # [P, m, rows]
+        # b's column j entering a where column i left: threshold after_a if i was kept, else kth_a.
+        enter_a_hi = torch.relu(vb - after[pa].unsqueeze(1))               # [P, j, rows]
+        enter_a_lo = torch.relu(vb - kth[pa].unsqueeze(1))
+        into_a = enter_a_lo.sum(-1).unsqueeze(1) + top_a @ (enter_a_hi - enter_a_lo).transpose(1, 2)   # [P, i, j]
+        enter_b_hi = torch.relu(va - after[pb].unsqueeze(1))               # [P, i, rows]
+        enter_b_lo = torch.relu(va - kth[pb].unsqueeze(1))
+        into_b = enter_b_lo.sum(-1).unsqueeze(2) + (enter_b_hi - enter_b_lo) @ top_b.transpose(1, 2)   # [P, i, j]
+        gain = into_a + into_b + loss[pa].unsqueeze(2) + loss[pb].unsqueeze(1)                          # [P, m, m]
         best_gain, best = gain.reshape(gain.shape[0], -1).max(1)
-        ok = best_gain > 1e-6 * top_k[pa].sum(-1).abs().clamp_min(1e-30)   # ignore float noise
+        scale = (va.abs().sum((1, 2)) + vb.abs().sum((1, 2))).clamp_min(1e-30)
+        ok = best_gain > 1e-6 * scale                                      # ignore float noise
         i, j = best // m, best % m
         pos_a, pos_b = (pa * m + i)[ok], (pb * m + j)[ok]
         new_perm[pos_a], new_perm[pos_b] = perm[pos_b], perm[pos_a]

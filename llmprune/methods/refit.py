@@ -39,23 +39,23 @@ def pcg_on_mask(target: torch.Tensor, keep_mask: torch.Tensor, hessian: torch.Te
     mask = keep_mask.to(target.dtype)
     x = init * mask                                          # [out, in]
     inv_diag = 1.0 / torch.diagonal(hessian)                 # [in]   Jacobi preconditioner
-    r = ((target - x) @ hessian) * mask                      # [out, in] = −gradient/2 on the support
+    r = torch.sub(target, x).matmul(hessian).mul_(mask)      # [out, in] = −gradient/2 on the support
     z = r * inv_diag
     p = z.clone()
-    rz = (r * z).sum(1).double()                 # [out]
+    rz = torch.linalg.vecdot(r, z).double()                  # [out]
     start = rz.clone()
     for _ in range(iters):
         hp = p @ hessian                                     # [out, in]  the one GEMM per iteration
-        php = (p * hp).sum(1).double()
-        alpha = torch.where(php > 0, rz / php.clamp_min(1e-300), torch.zeros_like(rz)).to(x.dtype)
-        x += alpha.unsqueeze(1) * p
-        r -= alpha.unsqueeze(1) * (hp * mask)
-        z = r * inv_diag
-        rz_next = (r * z).sum(1).double()
+        php = torch.linalg.vecdot(p, hp).double()
+        alpha = torch.where(php > 0, rz / php.clamp_min(1e-300), torch.zeros_like(rz)).to(x.dtype).unsqueeze(1)
+        x.addcmul_(p, alpha)
+        r.addcmul_(hp.mul_(mask), alpha, value=-1.0)
+        torch.mul(r, inv_diag, out=z)
+        rz_next = torch.linalg.vecdot(r, z).double()
         if bool((rz_next <= (tol * tol) * start).all()):
             break
-        beta = torch.where(rz > 0, rz_next / rz.clamp_min(1e-300), torch.zeros_like(rz)).to(x.dtype)
-        p = z + beta.unsqueeze(1) * p
+        beta = torch.where(rz > 0, rz_next / rz.clamp_min(1e-300), torch.zeros_like(rz)).to(x.dtype).unsqueeze(1)
+        p.mul_(beta).add_(z)
         rz = rz_next
     return x
 
