@@ -13,7 +13,7 @@ from llmprune.errors import UserError
 from llmprune.masks import nm_keep_mask, nm_violations, num_to_prune, parse_pattern
 from llmprune.methods import METHODS, LinearStats
 from llmprune.methods.dsnot import dsnot_refine, refine_and_refit
-from llmprune.methods.permute import nm_channel_permutation, nm_retained, permute_channels
+from llmprune.methods.permute import nm_channel_permutation, nm_retained, permute_channels, permute_stats
 from llmprune.methods.refit import refit_on_mask
 from tiny_models import VOCAB, tiny_model
 
@@ -213,7 +213,10 @@ def test_permutation_lowers_nm_error_when_important_channels_are_clustered():
         assert nm_retained(score[:, perm], 2, 4) > nm_retained(score, 2, 4)
         (g_w, u_w), (d_w,) = permute_channels(perm, [gate.weight, up.weight], [down.weight])
         plain = METHODS["wanda"].fn(down.weight.clone(), stats, parse_pattern("2:4"))
-        permuted_stats = _stats(hidden[:, perm])
+        permuted_stats = permute_stats(stats, perm)
+        direct = _stats(hidden[:, perm])
+        assert torch.allclose(permuted_stats.hessian, direct.hessian, rtol=1e-4, atol=1e-3)
+        assert torch.allclose(permuted_stats.input_sum, direct.input_sum, rtol=1e-4, atol=1e-3)
         permuted = METHODS["wanda"].fn(d_w.clone(), permuted_stats, parse_pattern("2:4"))
         assert nm_violations(permuted, 2, 4) == 0
         dense_out = down(hidden)
@@ -320,3 +323,11 @@ def test_nm_keep_mask_helper_matches_alps_projection():
     assert torch.equal(magnitude_keep_mask(values, parse_pattern("2:4")), nm_keep_mask(values.abs(), 2, 4))
     keep = magnitude_keep_mask(torch.ones(4, 10), parse_pattern("0.35"))          # all tied: still exact
     assert (~keep).sum().item() == num_to_prune(40, 0.35)
+
+
+@pytest.mark.parametrize("k", [1, 1000, 150_000, 299_999, 300_000])
+def test_kth_smallest_is_exact(k):
+    from llmprune.methods.alps import kth_smallest
+    values = torch.randn(300_000, generator=torch.Generator().manual_seed(0)).abs()
+    values[:5000] = 0.5                                                            # many ties
+    assert kth_smallest(values, k) == torch.kthvalue(values, k).values

@@ -22,7 +22,8 @@ group hold a mix. The search maximises the score retained after N:M selection on
 
 `blocks` restricts every move to channel blocks (e.g. attention heads: v rows / o columns may only be
 permuted within a head). `permute_channels` applies a permutation to coupled producer rows and
-consumer columns (gate/up rows + down_proj columns; v rows + o_proj columns).
+consumer columns (gate/up rows + down_proj columns; v rows + o_proj columns); `permute_stats` gives
+the consumer's calibration statistics in the new channel order.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Sequence
 import torch
 
 from llmprune.errors import UserError
+from llmprune.methods import LinearStats
 
 PAIR_CHUNK_ELEMENTS = 1 << 24     # floats per chunk of the [pairs, M, M, rows] swap-gain tensor
 
@@ -200,3 +202,18 @@ def permute_channels(perm: torch.Tensor, producers: Sequence[torch.Tensor], cons
             raise ValueError(f"consumer of shape {tuple(t.shape)} for a permutation of {perm.numel()}")
     return ([t.index_select(0, perm.to(t.device)) for t in producers],
             [t.index_select(1, perm.to(t.device)) for t in consumers])
+
+
+def permute_stats(stats: LinearStats, perm: torch.Tensor) -> LinearStats:
+    """The consumer's input statistics after its input channels are permuted by `perm` (no recollection:
+    every statistic is per channel or per channel pair). The memo of derived values is not carried over."""
+    perm = perm.to(torch.long)
+
+    def take(t: torch.Tensor | None, dims: int) -> torch.Tensor | None:
+        if t is None:
+            return None
+        p = perm.to(t.device)
+        return t[p] if dims == 1 else t[p][:, p]
+
+    return LinearStats(n_tokens=stats.n_tokens, input_sq_norm=take(stats.input_sq_norm, 1),
+                       input_sum=take(stats.input_sum, 1), hessian=take(stats.hessian, 2))
