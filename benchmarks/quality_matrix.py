@@ -1,7 +1,7 @@
 """Per-matrix quality benchmark (issue 13): time and relative reconstruction error of SparseGPT vs ALPS
 (± its CG refit, short and reference-length ADMM) vs Wanda (± DSnoT, ± refit) at 50/70/80% and 2:4.
 
-    .venv/bin/python benchmarks/quality_matrix.py                          # 1024² and 4096², synthetic H
+    .venv/bin/python benchmarks/quality_matrix.py                          # 1024² and 4096², synthetic H (~1 h, 1 thread)
     .venv/bin/python benchmarks/quality_matrix.py --sizes 1024 --patterns 0.7,2:4
     .venv/bin/python benchmarks/quality_matrix.py --model /work/main/benchmarks/_cache/stdlib-llama --sizes ""
 
