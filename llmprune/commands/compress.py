@@ -37,7 +37,7 @@ def register(sub) -> None:
     depth.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=None,
                        help="never remove layer 0 (default on)")
     p.add_argument("--criterion", default=None,
-                   help="width: activation | magnitude | maw | random (default activation); "
+                   help="width: activation | obs | magnitude | maw | random (default activation); "
                         "layer-drop: bi | angular | ppl (default bi)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
