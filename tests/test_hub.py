@@ -18,7 +18,7 @@ import yaml
 
 from llmprune.errors import UserError
 from llmprune.io.card import CARD_MARKER, parse_front_matter, render_card
-from llmprune.io.save import write_sidecar
+from llmprune.io.sidecar import write_sidecar
 
 TOKEN = "hf_SECRETtokenVALUE1234567890abcdef"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -143,6 +143,8 @@ EVAL = {
     "sparsity": {"achieved": 0.5, "zeros": 2304, "total": 4608, "modules": 14, "target": None, "method": None,
                  "pattern": None},
     "perplexity": {"wikitext2": 14.5},
+    "perplexity_details": {"wikitext2": {"source": "wikitext2", "seqlen": 2048, "windows": 40, "tokens": 81880}},
+    "settings": {"seqlen": 2048, "max_length": 2048, "limit": None},
     "tasks": {
         "ppl_wikitext2": _task("lm", "perplexity", "token_perplexity", 14.5, None, 40, None, higher=False),
         "arc_easy": _task("reasoning_mc", "lm_eval", "acc_norm", 0.61, 0.01, 2376, 0.25),
@@ -290,7 +292,9 @@ def test_card_with_eval_results_shows_retained_against_dense(outputs, tmp_path):
     card = render_card(directory)
     assert yaml.safe_load(card.split("---\n")[1])  # front matter still parses
     (ppl,) = _table_rows(card, "wikitext2")
-    assert ppl[1:] == ["10", "14.500", "+45.0%"]
+    assert ppl[1:] == ["wikitext2 (test split)", "2048 tokens × 40", "10", "14.500", "+45.0%"]
+    # hand-made results of the old format record no weights fingerprint: shown, but labelled
+    assert "## Evaluation (unverified)" in card and "could not be checked against this model" in card
     (arc,) = _table_rows(card, "arc_easy")
     assert arc[1:] == ["reasoning_mc", "acc_norm", "0.7000", "0.6100 ± 0.0100", "87.1% [84.0, 90.3]", "80.0%",
                        "0.2500", "2376"]
@@ -319,7 +323,7 @@ def test_eval_without_baseline_has_no_retained_column(outputs, tmp_path):
     assert "retained" not in section and "dense" not in section.lower()
     assert "this card has no knowledge or reasoning evaluation" not in card  # arc_easy is reasoning
     (ppl,) = _table_rows(card, "wikitext2")
-    assert ppl[1:] == ["14.500"]
+    assert ppl[1:] == ["wikitext2 (test split)", "2048 tokens × 40", "14.500"]
     (arc,) = _table_rows(card, "arc_easy")
     assert arc[1:] == ["reasoning_mc", "acc_norm", "0.6100 ± 0.0100", "0.2500", "2376"]
 
