@@ -130,7 +130,7 @@ def make_pack_output(directory: Path) -> Path:
     return directory
 
 
-# `eval/results.json` in the format `llmprune eval` writes (llmprune/eval/harness.py docstring), with the
+# `eval/results.json` in the format `llmprune eval` writes (llmprune/eval/results.py docstring), with the
 # `baseline` block that `--baseline` adds (retained = 100*pruned/dense, dense/pruned for perplexity).
 def _task(suite, kind, metric, value, stderr, n, chance, higher=True):
     return {"suite": suite, "kind": kind, "metric": metric, "value": value, "stderr": stderr, "n": n,

@@ -6,7 +6,9 @@ Used by delta pruning (what is excluded by default, which tensor a tied head rea
 (the head stays dense) and the model card (how a tensor is described).
 
 Checkpoint names are module paths plus `.weight` / `.bias`; some checkpoints store them without the
-base-model prefix (GPT-2's `wte.weight` for `transformer.wte`), so both spellings match.
+base-model prefix (GPT-2's `wte.weight` for `transformer.wte`), so both spellings match. The plain
+name `lm_head` is always a head too: transformers renames some checkpoint keys on load (GPT-NeoX's
+checkpoint tensor `embed_out.weight`, the registry's name, is the module `lm_head` in transformers 5).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ EMBED_RE = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|tok_embedding
 LM_HEAD_RE = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
 _FALLBACK_EMBEDDINGS = r"embed|(^|\.)(wte|wpe|word_embeddings|tok_embeddings)\."
 _FALLBACK_HEAD = r"(^|\.)(lm_head|embed_out)\.|^output\.weight$"
+CONVENTIONAL_HEAD = "lm_head"
 
 
 def family(model_type_or_config: Any):
@@ -52,7 +55,7 @@ def role(name: str, fam=None) -> str | None:
     "lm_head", or None, for a tensor or module name."""
     if fam is not None:
         module = _strip_param(name)
-        if module in _spellings(fam.lm_head):
+        if module in _spellings(fam.lm_head) or module == CONVENTIONAL_HEAD:
             return "lm_head"
         for i, path in enumerate(fam.embeddings):
             if module in _spellings(path):
@@ -73,14 +76,15 @@ def head_patterns(fam=None) -> list[str]:
     else the generic fallback."""
     if fam is None:
         return [_FALLBACK_EMBEDDINGS, _FALLBACK_HEAD]
-    return [_path_regex(p) for p in (*fam.embeddings, fam.lm_head)]
+    heads = (fam.lm_head,) if fam.lm_head == CONVENTIONAL_HEAD else (fam.lm_head, CONVENTIONAL_HEAD)
+    return [_path_regex(p) for p in (*fam.embeddings, *heads)]
 
 
 def head_module_names(model) -> set[str]:
-    """Full module names of the output head of `model` (and of any module that is the model's output
-    embedding), from the registry when the family is known, else `lm_head`."""
+    """Full module names of the output head of `model`: the registry's for its family, `lm_head`, and any
+    module that is the model's output embedding."""
     fam = family(model)
-    names = {fam.lm_head} if fam is not None else {"lm_head"}
+    names = {CONVENTIONAL_HEAD} | ({fam.lm_head} if fam is not None else set())
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
     if out_emb is not None:
