@@ -74,25 +74,28 @@ def prepare(model, tokenizer, suites: list[Suite], specs: list[TaskSpec], settin
 
 
 def count_sparsity(model) -> dict[str, Any]:
-    """Achieved sparsity over the prunable linears (decoder-layer nn.Linear weights, lm_head excluded),
+    """Achieved sparsity over the prunable linears (the decoder layers' linear weights, from the
+    architecture registry; for a family it does not know, every nn.Linear but the output head),
     counted as exact zeros in the weights."""
     import torch
 
+    from llmprune.io.tensor_names import head_module_names
+
+    heads = head_module_names(model)
     try:
         from llmprune.arch import prunable_linears
 
         linears = prunable_linears(model)
     except (ImportError, AttributeError, UserError, KeyError, NotImplementedError):
-        linears = {n: m for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()}
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in heads}
     zeros = total = 0
     for mod in linears.values():
         w = mod.weight
         zeros += int((w == 0).sum().item())
         total += w.numel()
     # packed 2:4 linears (llmprune.load_pretrained): every entry outside `values` is a zero
-    packed = [m for m in model.modules() if hasattr(m, "bitmask") and hasattr(m, "values")
-              and m is not model.get_output_embeddings()]
+    packed = [m for n, m in model.named_modules() if hasattr(m, "bitmask") and hasattr(m, "values")
+              and n not in heads]
     for mod in packed:
         total += mod.out_features * mod.in_features
         zeros += mod.out_features * mod.in_features - int(torch.count_nonzero(mod.values))

@@ -111,6 +111,8 @@ def base_model_entry(name: str, *, revision: str | None = None, model_type: str 
         except UserError:
             path = name
     local = is_local_model(name)
+    if Path(str(path)).expanduser().is_dir():     # absolute: the card may read the folder again later
+        path = Path(str(path)).expanduser().absolute()
     entry: dict[str, Any] = {"id": name, "revision": revision, "model_type": model_type, "path": str(path),
                              "local": local}
     snapshot = hub_snapshot_id(path) if Path(str(path)).expanduser().is_dir() else None
