@@ -1,5 +1,8 @@
-"""Model cards and Hub push, with no network: output dirs are built by hand (tiny random model saved
-with `save_model` + a realistic sidecar) and the Hub is a small HTTP server on 127.0.0.1."""
+"""Model cards of the OLD sidecar format and Hub push, with no network: output dirs are built by hand
+(tiny random model saved with `save_model` + a format-1 sidecar: no per-stage records, no `copied` /
+`merged_dense` in delta outputs, eval results without a weights fingerprint) and the Hub is a small
+HTTP server on 127.0.0.1. Cards of what llmprune writes today are rendered from real outputs in
+tests/test_card_outputs.py."""
 from __future__ import annotations
 
 import base64
@@ -73,7 +76,7 @@ def make_compress_output(directory: Path, pattern: str = "0.5", allocation: str 
     recipe = {"stages": [{"method": method, "sparsity": pattern, "allocation": allocation}]}
     (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     write_sidecar(directory, {
-        "kind": "compress", "llmprune_version": "0.1.0",
+        "format_version": 1, "kind": "compress", "llmprune_version": "0.1.0",
         "base_model": {"id": "meta-llama/Llama-3.2-1B", "revision": "4e20de362430cd3b72f300e6b0f18e50e7166e08",
                        "model_type": "llama"},
         "recipe": recipe, "wall_time_s": 12.5, "peak_memory": {"cpu_rss_bytes": 3 * 2**30, "cuda_bytes": 0},
@@ -100,13 +103,15 @@ def make_delta_output(directory: Path, n_finetunes: int = 1) -> Path:
         if name.split(".")[-2] in LINEARS:
             tensors[name] = {"shape": list(param.shape), "density": 0.09 + 0.001 * i}
     fts = [{"id": f"acme/llama-ft-{k}", "revision": None, "weight": 1.0 / n_finetunes} for k in range(n_finetunes)]
+    excluded = [n for n, _ in model.named_parameters() if n.split(".")[-2] not in LINEARS]
     write_sidecar(directory, {
-        "kind": "delta", "llmprune_version": "0.1.0",
+        "format_version": 1, "kind": "delta", "llmprune_version": "0.1.0",
         "base_model": {"id": "meta-llama/Llama-3.2-1B", "revision": None, "model_type": "llama"},
         "finetuned": fts,
         "recipe": {"method": "dare" if n_finetunes == 1 else "dare-ties", "drop_rate": 0.9},
         "delta": {"method": "dare" if n_finetunes == 1 else "dare-ties", "drop_rate": 0.9, "rescale": "inverse",
-                  "q": None, "lambda": 1.0, "seed": 0, "achieved_density": 0.1003, "tensors": tensors},
+                  "q": None, "lambda": 1.0, "seed": 0, "achieved_density": 0.1003, "tensors": tensors,
+                  "excluded": excluded},
         "wall_time_s": 3.2, "peak_memory": {"cpu_rss_bytes": 2**30, "cuda_bytes": 0},
         "versions": {"python": "3.11.9", "llmprune": "0.1.0"},
         "command": "llmprune delta meta-llama/Llama-3.2-1B " + " ".join(f["id"] for f in fts)
@@ -121,7 +126,7 @@ def make_pack_output(directory: Path) -> Path:
                                                        "model_type": "llama"}))
     (directory / "model.safetensors").write_bytes(b"\0" * 64)
     write_sidecar(directory, {
-        "kind": "pack", "llmprune_version": "0.1.0",
+        "format_version": 1, "kind": "pack", "llmprune_version": "0.1.0",
         "base_model": {"id": "meta-llama/Llama-3.2-1B", "revision": None, "model_type": "llama"},
         "pack": {"format": "sparse24", "modules": ["model.layers.0.self_attn.q_proj"],
                  "bytes_dense": 1_000_000, "bytes_packed": 562_500},
@@ -353,6 +358,9 @@ def test_delta_cards_single_finetune_and_merge(outputs):
     assert meta["base_model"] == ["meta-llama/Llama-3.2-1B", "acme/llama-ft-0", "acme/llama-ft-1"]
     assert meta["base_model_relation"] == "merge" and "merge" in meta["tags"]
     assert "A merge of 2 fine-tunes" in merged
+    # a format-1 merge does not say which unsparsified tensors were merged and which copied: say both
+    assert "merged densely with the same weights, `dare-ties` consensus and λ, or copied from the first" in merged
+    assert "Copied from the fine-tune without sparsification (" in single
 
 
 def test_pack_card_points_to_load_pretrained(outputs):
