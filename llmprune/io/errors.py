@@ -115,17 +115,3 @@ def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
 
-
-def render_card_checked(directory: str | os.PathLike, repo_id: str | None = None) -> str:
-    """`render_card`, with a sidecar or eval results of the wrong layout (hand-edited, another tool's)
-    reported as one line naming the files instead of an internal error."""
-    from llmprune.io.card import EVAL_RESULTS, render_card
-
-    try:
-        return render_card(directory, repo_id=repo_id)
-    except (AttributeError, TypeError, KeyError, IndexError) as exc:
-        files = [Path(directory) / "llmprune.json"]
-        if (Path(directory) / EVAL_RESULTS).is_file():
-            files.append(Path(directory) / EVAL_RESULTS)
-        raise UserError(f"{' or '.join(map(str, files))} does not have the layout llmprune writes "
-                        f"({type(exc).__name__}: {_first_line(exc)}); rerun the command that wrote it") from exc
