@@ -7,8 +7,8 @@ Used by delta pruning (what is excluded by default, which tensor a tied head rea
 
 Checkpoint names are module paths plus `.weight` / `.bias`; some checkpoints store them without the
 base-model prefix (GPT-2's `wte.weight` for `transformer.wte`), so both spellings match. The plain
-name `lm_head` is always a head too: transformers renames some checkpoint keys on load (GPT-NeoX's
-checkpoint tensor `embed_out.weight`, the registry's name, is the module `lm_head` in transformers 5).
+name `lm_head` is always a head too. Where transformers renames a module's tensors in saved checkpoints
+(GPT-NeoX's module `lm_head` is saved as `embed_out`), the registry's `checkpoint_names` gives both.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def role(name: str, fam=None) -> str | None:
     "lm_head", or None, for a tensor or module name."""
     if fam is not None:
         module = _strip_param(name)
-        if module in _spellings(fam.lm_head) or module == CONVENTIONAL_HEAD:
+        if module == CONVENTIONAL_HEAD or any(module in _spellings(n) for n in fam.saved_names(fam.lm_head)):
             return "lm_head"
         for i, path in enumerate(fam.embeddings):
             if module in _spellings(path):
@@ -76,7 +76,7 @@ def head_patterns(fam=None) -> list[str]:
     else the generic fallback."""
     if fam is None:
         return [_FALLBACK_EMBEDDINGS, _FALLBACK_HEAD]
-    heads = (fam.lm_head,) if fam.lm_head == CONVENTIONAL_HEAD else (fam.lm_head, CONVENTIONAL_HEAD)
+    heads = tuple(dict.fromkeys((*fam.saved_names(fam.lm_head), CONVENTIONAL_HEAD)))
     return [_path_regex(p) for p in (*fam.embeddings, *heads)]
 
 
