@@ -93,6 +93,10 @@ def explain(exc: BaseException, where: str | os.PathLike | None = None) -> UserE
         return disk_full_error(getattr(exc, "filename", None) or where or os.getcwd())
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         top = exc.name.split(".")[0]
+        if top == "llmprune":
+            # one of our own modules is missing: a broken install, not a package the user should add
+            return UserError(f"this llmprune install is incomplete ({exc.name} is missing); reinstall it with "
+                             "pip install --force-reinstall llmprune (or pip install -e . in a checkout)")
         return UserError(f"the Python package {top!r} is needed here but not installed; "
                          f"pip install {_PIP_NAMES.get(top, top)}")
     if "Weights only load failed" in text or "UnpicklingError" in type(exc).__name__:
