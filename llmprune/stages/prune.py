@@ -362,7 +362,8 @@ def prune_with_search(loop: LayerLoop, pattern: Pattern, record: StageRecord, *,
     if kept_search:
         record.notes.append(f"{where}: allocation search: calibration loss {searched_loss:.4f} vs uniform "
                             f"{uniform_loss:.4f} ({100 * (searched_loss / uniform_loss - 1):+.2f}%), "
-                            f"{outcome.evaluations} subset evaluations, {seconds:.1f} s")
+                            f"{outcome.evaluations} subset evaluations, {seconds:.1f} s; per-layer sparsity "
+                            + ", ".join(f"{layer.rsplit('.', 1)[-1]}: {s:.3f}" for layer, s in record.layers.items()))
     elif searched_loss is None:
         record.notes.append(f"{where}: allocation search kept uniform sparsity: no level assignment had a lower "
                             f"calibration loss on the scoring windows ({outcome.evaluations} evaluations)")
