@@ -71,8 +71,10 @@ def llmprune_configs(patterns, methods, allocations, refines, permutes, recipes)
                     for permute in (permutes if nm else [False]):
                         yield {"tool": "llmprune", "pattern": pattern, "method": method, "allocation": allocation,
                                "refine": refine, "permute": permute}
+    from llmprune.recipe import load_recipe
+
     for name in recipes:
-        pattern = "2:4" if name.endswith("2of4") else f"0.{name.rsplit('-', 1)[1]}"
+        pattern = str(load_recipe(name).stages[-1].params["sparsity"])
         if pattern in patterns:
             yield {"tool": "llmprune", "pattern": pattern, "method": f"recipe:{name}", "allocation": "recipe",
                    "refine": "recipe", "permute": False}
