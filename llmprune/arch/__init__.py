@@ -37,6 +37,7 @@ class ChannelGroup:
     projections: tuple[Projection, ...]
     output: str                           # the linear that consumes the units (o_proj, down_proj, ...)
     attributes: dict[str, str] = field(default_factory=dict)   # module attribute -> dims name
+    refuse: str | None = None             # why this group cannot be pruned structurally (one line), or None
 
     @property
     def linear_paths(self) -> tuple[str, ...]:
@@ -56,6 +57,7 @@ class Family:
     per_layer_lists: tuple[str, ...] = ()
     per_layer_counts: dict = field(default_factory=dict)
     depth_guards: dict = field(default_factory=dict)
+    moe: dict | None = None      # mixture-of-experts data (routers, fused experts, counts); llmprune/moe reads it
 
     @property
     def head_dim_configurable(self) -> bool:
@@ -72,8 +74,10 @@ ArchSpec = Family
 
 def _group(raw: dict) -> ChannelGroup:
     return ChannelGroup(module=raw.get("module"),
-                        projections=tuple(Projection(p["path"], p.get("layout", "rows")) for p in raw["projections"]),
-                        output=raw["output"], attributes=dict(raw.get("attributes") or {}))
+                        projections=tuple(Projection(p["path"], p.get("layout", "rows"))
+                                          for p in raw.get("projections") or ()),
+                        output=raw.get("output") or "", attributes=dict(raw.get("attributes") or {}),
+                        refuse=raw.get("refuse"))
 
 
 @lru_cache(maxsize=1)
@@ -95,7 +99,7 @@ def _registry() -> dict[str, Family]:
                            config=dict(e["config"]), attention=_group(e["attention"]), mlp=_group(e["mlp"]),
                            per_layer_lists=tuple(e.get("per_layer_lists") or ()),
                            per_layer_counts=dict(e.get("per_layer_counts") or {}),
-                           depth_guards=dict(e.get("depth_guards") or {}))
+                           depth_guards=dict(e.get("depth_guards") or {}), moe=e.get("moe"))
     return out
 
 
