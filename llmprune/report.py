@@ -174,10 +174,11 @@ class CompressReport:
 
 
 def _module_table(record: StageRecord) -> list[str]:
-    """Per module type (last name component): target vs achieved sparsity."""
+    """Per module type (last name component; an expert slice `...gate_up_proj[5]` counts as `gate_up_proj`):
+    target vs achieved sparsity."""
     groups: dict[str, list[ModuleResult]] = {}
     for name, r in record.modules.items():
-        groups.setdefault(name.rsplit(".", 1)[-1], []).append(r)
+        groups.setdefault(name.rsplit(".", 1)[-1].split("[", 1)[0], []).append(r)
     rows = [("module", "count", "target", "achieved")]
     for kind, items in groups.items():
         targets = sorted({str(r.target) for r in items})

@@ -240,7 +240,10 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def weight_2d(module: nn.Module) -> torch.Tensor:
-    """The weight as `[out_features, in_features]` (a view: in-place edits reach the module)."""
+    """The weight as `[out_features, in_features]` (a view: in-place edits reach the module). Also takes
+    a `Matrix` handle (an expert's slice of a fused 3-D parameter, a router weight)."""
+    if isinstance(module, Matrix):
+        return module.weight
     if isinstance(module, nn.Linear):
         return module.weight.data
     if type(module).__name__ == "Conv1D":  # weight is [in, out]
@@ -310,3 +313,7 @@ def head_targets(model: nn.Module, selector: TargetSelector) -> dict[str, nn.Mod
         if selector.wants(name) and (is_linear(mod) or isinstance(mod, nn.Embedding)):
             out[name] = mod
     return out
+
+
+# Matrix handles (linears, routers, experts' slices of fused 3-D parameters); imported last: they use the above.
+from llmprune.arch.matrices import Matrix, decoder_matrices, layer_matrices, matrix_type, prunable_matrices  # noqa: E402,F401

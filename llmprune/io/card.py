@@ -131,8 +131,9 @@ def _module_type(name: str) -> str:
     parts = [p for p in name.split(".") if p]
     if parts and parts[-1] in ("weight", "bias"):
         parts = parts[:-1]
-    # Expert linears (`...experts.7.up_proj`) group with their type; the index is not the type.
-    return parts[-1] if parts else name
+    # Expert linears (`...experts.7.up_proj`) and fused-expert slices (`...experts.gate_up_proj[7]`) group
+    # with their type; the expert index is not the type.
+    return parts[-1].split("[", 1)[0] if parts else name
 
 
 def is_hub_model_id(model_id: Any) -> bool:
