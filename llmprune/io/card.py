@@ -672,7 +672,8 @@ def _limitations(directory: Path, sidecar: dict[str, Any], results: dict[str, An
             items.append("Unstructured sparsity gives no speed-up and no size reduction by itself: the zeros are "
                          "stored densely and transformers, vLLM and llama.cpp run it at dense speed.")
         if sidecar_io.is_structured(sidecar):
-            items.append("Removed layers, heads or MLP neurons make the model smaller and faster on any runtime, "
+            items.append("Removed layers, heads or MLP neurons make the model smaller and faster on any runtime "
+                         "(removed MoE experts make it smaller; each token still runs top_k experts), "
                          "but the loss is not uniform: multi-step generative reasoning (arithmetic, code) and "
                          "closed-book knowledge degrade before perplexity does. A short recovery run "
                          "(`llmprune heal`) wins part of it back.")

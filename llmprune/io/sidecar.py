@@ -186,7 +186,10 @@ def stage_label(record: dict[str, Any]) -> str:
         n = len(removed) if isinstance(removed, list) else params.get("num_layers") or params.get("layer_fraction")
         return f"layer-drop {n} ({params.get('criterion', 'bi')})"
     if kind == "expert-drop":
-        return f"expert-drop {params.get('experts_keep') or params.get('expert_ratio')} ({params.get('criterion')})"
+        criterion = params.get("criterion")
+        if criterion == "merge" and params.get("merge_mode"):
+            criterion = f"merge {params['merge_mode']}"
+        return f"expert-drop {params.get('experts_keep') or params.get('expert_ratio')} ({criterion})"
     if kind == "heal":
         return f"heal {params.get('mode')} {params.get('steps')} steps"
     return method

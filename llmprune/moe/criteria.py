@@ -138,7 +138,7 @@ def keep_set_errors(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch
         full = _combine(outputs, route_block(block, family, rcfg, xc), experts)
         for i, keep in enumerate(keep_sets):
             diff = full - _combine(outputs, route_block(block, family, rcfg, xc, keep, balanced), experts)
-            sq[i] += (diff * diff).sum()
+            sq[i] += (diff * diff).sum().item()
     return sq.sqrt().tolist()
 
 
@@ -218,9 +218,9 @@ def output_similarity(block: nn.Module, family: dict, rcfg: RouterConfig, x: tor
             out_j = expert_forward(block, family, j, xc)[1].double()                               # [t, H]
             cos = F.cosine_similarity(kept_out, out_j[None], dim=-1)                               # [K, t]
             routed = (routing.indices == j).any(-1)
-            sums[r] += cos[:, routed].sum(-1)
-            counts[r] += routed.sum()
-            all_sums[r] += cos.sum(-1)
+            sums[r] += cos[:, routed].sum(-1).cpu()
+            counts[r] += routed.sum().item()
+            all_sums[r] += cos.sum(-1).cpu()
     tokens = x.reshape(-1, x.shape[-1]).shape[0]
     seen = counts > 0
     sims = torch.where(seen[:, None], sums / counts.clamp_min(1)[:, None], all_sums / max(tokens, 1))
@@ -257,15 +257,16 @@ def merge_experts(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.T
             m = mass[group].to(torch.float64)
             if len(group) == 1 or m.sum() <= 0:
                 continue
-            w = (m / m.sum()).to(gate_up_all.dtype)
+            w = (m / m.sum()).to(device=gate_up_all.device, dtype=gate_up_all.dtype)
             gate_up[slot[i]] = torch.einsum("g,gab->ab", w, gate_up_all[group])
             down[slot[i]] = torch.einsum("g,gab->ab", w, down_all[group])
         return MergePlan(keep=keep, mode=mode, gate_up_proj=gate_up, down_proj=down, assignment=assignment)
 
     inter = down_all.shape[-1]
     hidden_size = down_all.shape[1]
-    gram = torch.zeros(len(keep), inter, inter, dtype=torch.float64)
-    cross = torch.zeros(len(keep), hidden_size, inter, dtype=torch.float64)
+    # Normal equations of every kept expert's down refit, on the compute device (float64).
+    gram = torch.zeros(len(keep), inter, inter, dtype=torch.float64, device=x.device)
+    cross = torch.zeros(len(keep), hidden_size, inter, dtype=torch.float64, device=x.device)
     for xc in _chunks(x):
         full = route_block(block, family, rcfg, xc)
         kept_routing = route_block(block, family, rcfg, xc, keep)
@@ -277,8 +278,8 @@ def merge_experts(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.T
         if mode == "fold-fit":
             # Target of kept expert i: the mass-weighted mix of its group's outputs on tokens routed to the group.
             for i in keep:
-                weight_sum = torch.zeros(xc.shape[0], dtype=torch.float64)
-                target = torch.zeros(xc.shape[0], hidden_size, dtype=torch.float64)
+                weight_sum = torch.zeros(xc.shape[0], dtype=torch.float64, device=xc.device)
+                target = torch.zeros(xc.shape[0], hidden_size, dtype=torch.float64, device=xc.device)
                 for e in members[i]:
                     token, k = torch.where(full.indices == e)
                     w = full.weights[token, k].double()
