@@ -205,6 +205,11 @@ def drop_layers(model: nn.Module, keep: list[int], masks: MaskState | None = Non
         value = getattr(config, name, None)
         if isinstance(value, int) and rule == "kept_below":
             setattr(config, name, sum(1 for i in keep if i < value))
+    if fam.moe is not None:        # which kept layers are dense vs MoE must not change with their numbers
+        from llmprune.moe.families import dense_layer_fields_after_drop
+
+        for name, value in dense_layer_fields_after_drop(config, keep).items():
+            setattr(config, name, value)
     write_dims(config, fam, num_layers=len(keep))
 
 

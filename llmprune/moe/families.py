@@ -110,6 +110,29 @@ def moe_layer_indices(model_or_config) -> list[int]:
             if i >= (first_dense or 0) and i not in dense and (i + 1) % step == 0]
 
 
+def dense_layer_fields_after_drop(config, keep: list[int]) -> dict[str, object]:
+    """The config fields that say which layers are dense, rewritten for a model that keeps only decoder
+    layers `keep` (old indices, ascending), so that every kept layer stays MoE or dense as it was:
+    `first_k_dense_replace` counts the kept leading dense layers; `mlp_only_layers` lists the kept dense
+    layers' new indices and `decoder_sparse_step` becomes 1 (a step pattern does not survive renumbering).
+    Raises ValueError if the family's fields cannot express the kept pattern (a bug, not user input)."""
+    fields = family_for(config)["config"]
+    moe_before = set(moe_layer_indices(config))
+    dense_new = [new for new, old in enumerate(keep) if old not in moe_before]
+    out: dict[str, object] = {}
+    if fields["mlp_only_layers"]:
+        out[fields["mlp_only_layers"]] = dense_new
+        if fields["decoder_sparse_step"]:
+            out[fields["decoder_sparse_step"]] = 1
+    elif fields["first_k_dense_replace"]:
+        out[fields["first_k_dense_replace"]] = len(dense_new)
+        if dense_new != list(range(len(dense_new))):
+            raise ValueError(f"dense layers {dense_new} after the drop are not the leading ones")
+    elif dense_new:
+        raise ValueError(f"{config.model_type} has no config field for dense layers, but layers {dense_new} are dense")
+    return out
+
+
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     """{decoder layer index: MoE block} for every MoE layer of the model."""
     family = family_for(model)
