@@ -583,14 +583,15 @@ def ppl_texts(data: str, data_dir: str | None) -> list[str]:
 
 
 def count_sparsity(model) -> dict[str, Any]:
-    """Achieved sparsity over the prunable linears (decoder-layer nn.Linear weights, lm_head excluded),
-    counted as exact zeros in the weights."""
+    """Achieved sparsity over the decoder layers' matrices (nn.Linear weights and, in MoE models, routers
+    and every expert's slices of the fused 3-D parameters; lm_head excluded: `arch.decoder_matrices`, what
+    `llmprune compress` reports), counted as exact zeros in the weights."""
     import torch
 
     try:
-        from llmprune.arch import prunable_linears
+        from llmprune.arch import decoder_matrices
 
-        linears = prunable_linears(model)
+        linears = decoder_matrices(model)
     except (ImportError, AttributeError, UserError, KeyError, NotImplementedError):
         linears = {n: m for n, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()}
