@@ -9,7 +9,12 @@ Common keys: `format_version`, `kind` (compress | delta | pack), `base_model` (`
 - `calibration`: {source, split, samples, seqlen, seed, tokens};
 - `stages`: one record per recipe stage, in order: {index, method, kind, params, target, achieved,
   removed, parameters: {before, after}, zeros: {before, after, fraction_after}, seconds, and for
-  prune stages `modules` {name: {shape, target, achieved}}, `layers`, `schedule`};
+  prune stages `modules` {name: {shape, target, achieved}}, `layers`, `schedule`; expert-drop stages:
+  `removed` {experts: {before, after}} and `scores` {kept: {MoE layer: [kept experts, original
+  numbering]}, routed_share_before / routed_share_after (per expert, calibration tokens),
+  routed_share_removed, criterion_scores, merged_into}};
+  matrix names: linears by module name, MoE experts per expert as `...mlp.experts.gate_up_proj[5]`
+  (2-D slices of the fused 3-D parameters), routers as `...mlp.gate`;
 - `parameters`: {before, after} of the whole model;
 - `sparsity`: the zeros of the saved model: {achieved (over the decoder layers' linear weights),
   target (the mean targeted zero fraction of the pruned matrices, a number), pattern
