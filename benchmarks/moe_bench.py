@@ -191,9 +191,11 @@ def main() -> None:
                         f"M = {wanda_elements:,} elements of Wanda's target matrices. Dense perplexity "
                         f"{dense_ppl:.2f}.\n\n" + "\n".join(lines))
 
-    sections.append("### GPU line (REAP + SparseGPT on a Qwen3-MoE-shaped model)\n\nNot run: this machine has no "
-                    "GPU. The command, ready for one (random-init Qwen3-MoE shapes, 48 layers would not fit a "
-                    "laptop; `--layers` trims the stack):\n\n```\n"
+    sections.append("### GPU line (REAP + SparseGPT on a Qwen3-MoE-shaped model)\n\nNot run: no GPU was available. "
+                    "Ready for one: Qwen3-30B-A3B's per-layer shapes (128 experts of 768, top-8, hidden 2048), "
+                    "random init, bf16, `--layers` decoder layers; one `llmprune.compress` with `expert-drop` "
+                    "(REAP, 128 -> 64 experts) then `sparsegpt` 0.5, 128 x 2048 random calibration tokens; prints "
+                    "each stage's time and the peak memory:\n\n```\n"
                     ".venv/bin/python benchmarks/moe_gpu.py --layers 8 --device cuda\n```")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
@@ -206,7 +208,8 @@ def main() -> None:
 def stage_label(criterion: str) -> str:
     """A row label as stage keys: `merge:fold-fit@reconstruction` -> `merge (fold-fit, base reconstruction)`."""
     stage = stage_for(criterion, 0)
-    extras = [f"{k}: {v}" for k, v in stage.items() if k not in ("method", "experts_keep", "criterion", "seed")]
+    extras = [f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in stage.items()
+              if k not in ("method", "experts_keep", "criterion", "seed")]
     return stage["criterion"] + (f" ({', '.join(extras)})" if extras else "")
 
 

@@ -33,11 +33,14 @@ Merge modes (`MERGE_MODES`; default reroute-fit on a REAP keep set):
                 the layer output lost by the drop and s the token's summed routing weights, so that if every
                 fit were exact the layer output would equal the original one.
 
-Measured (benchmarks/moe_bench.py: 4-layer Mixtral, 8 experts, top-2, unpruned held-out perplexity 77.4;
-perplexity at 6/8, 4/8, 2/8 experts kept): reap 99.0 / 143.7 / 257.7, reconstruction 95.2 / 122.1 / 226.5,
-merge average 125.3 / 238.7 / 450.7 (worse than dropping), fold-fit 90.3 / 110.8 / 111.6, reroute-fit
-79.7 / 83.9 / 91.1 (on a reconstruction keep set 79.0 / 83.1 / 90.6, at 3-7x the selection time; REAP
-is the default base since greedy reconstruction above 8 experts costs E forward passes per removal).
+Measured through the expert-drop stage (benchmarks/moe_bench.py, benchmarks/RESULTS.md: 4-layer Mixtral, 8
+experts, top-2, held-out perplexity 77.4 unpruned; at 6/8, 4/8, 2/8 experts kept, progressive calibration):
+frequency 110.2 / 148.3 / 251.9, router-weight 104.8 / 162.8 / 243.5, reap 98.8 / 140.8 / 279.7,
+reconstruction 95.6 / 126.0 / 228.0, random 107.7 / 150.3 / 249.5 (3 seeds); merge average 124.0 / 195.0 /
+474.2 (worse than dropping), fold-fit 89.6 / 108.8 / 110.9, reroute-fit 79.6 / 83.8 / 90.9 (on a
+reconstruction keep set 78.9 / 83.0 / 90.0, at 2-3x the selection time; REAP is the default base since
+greedy reconstruction above 8 experts costs E block evaluations per removal). The stage's default
+criterion is merge with reroute-fit on a REAP keep set.
 """
 from __future__ import annotations
 
