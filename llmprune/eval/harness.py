@@ -74,18 +74,19 @@ def prepare(model, tokenizer, suites: list[Suite], specs: list[TaskSpec], settin
 
 
 def count_sparsity(model) -> dict[str, Any]:
-    """Achieved sparsity over the prunable linears (the decoder layers' linear weights, from the
-    architecture registry; for a family it does not know, every nn.Linear but the output head),
-    counted as exact zeros in the weights."""
+    """Achieved sparsity over the decoder layers' matrices (nn.Linear weights and, in MoE models, routers
+    and every expert's slices of the fused 3-D parameters: `arch.decoder_matrices`, what `llmprune compress`
+    reports; for a family the registry does not know, every nn.Linear but the output head), counted as
+    exact zeros in the weights."""
     import torch
 
     from llmprune.io.tensor_names import head_module_names
 
     heads = head_module_names(model)
     try:
-        from llmprune.arch import prunable_linears
+        from llmprune.arch import decoder_matrices
 
-        linears = prunable_linears(model)
+        linears = decoder_matrices(model)
     except (ImportError, AttributeError, UserError, KeyError, NotImplementedError):
         linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in heads}
     zeros = total = 0
