@@ -1,15 +1,22 @@
 """The `prune` stage kind: zeros in the same matrices (unstructured or N:M), by any pruning method.
 
 Per decoder layer: onload, collect the statistics the method needs (two-pass or true-sequential,
-`calibration/engine.py`), prune every targeted linear with the method at its allocated pattern,
+`calibration/engine.py`), prune every targeted matrix with the method at its allocated pattern,
 record its keep-mask, propagate the pruned outputs to the next layer. lm_head / embeddings only
 when `targets` names them. Allocation (how the target is spread over matrices) is decided before
 the layer loop (`llmprune/allocation.py`).
+
+Targets are `arch.Matrix` handles: every linear of the decoder layers and, in MoE models, every routed
+expert's 2-D slices of the fused 3-D expert parameters (`...experts.gate_up_proj[5]`), calibrated on the
+tokens routed to that expert (`moe.observe.LayerMatrixObserver`: the experts module is one lockstep point
+in the true-sequential schedule: all batches arrive, every gate_up slice is pruned, the down slices are
+calibrated on the pruned gate_up outputs and pruned, all batches go on). Routers are pruned only when
+`targets` names them. An expert that received no calibration token is pruned by magnitude, with a note.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import torch
@@ -18,8 +25,8 @@ from tqdm.auto import tqdm
 
 from llmprune.allocation import global_magnitude_sparsities, owl_layer_sparsities_for_model
 from llmprune.allocation_search import AllocationSearch, LevelGrid, search_units
-from llmprune.arch import (TargetSelector, decoder_layers, get_module, head_targets, layer_linears, prunable_linears,
-                           spec_for, weight_2d)
+from llmprune.arch import (Matrix, TargetSelector, decoder_layers, get_module, head_targets, layer_matrices,
+                           prunable_matrices, spec_for, weight_2d)
 from llmprune.calibration.engine import (CapturedInputs, LayerStep, capture_layer_inputs, default_true_sequential,
                                          layerwise)
 from llmprune.calibration.loss import head_loss
@@ -29,6 +36,8 @@ from llmprune.errors import UserError
 from llmprune.masks import Pattern, parse_pattern, sparsity_of
 from llmprune.methods import LinearStats, MethodSpec, get_method
 from llmprune.methods.refine import needs_for, refine_result
+from llmprune.moe.families import is_moe
+from llmprune.moe.observe import LayerMatrixObserver
 from llmprune.params import Range
 from llmprune.report import ModuleResult, StageRecord, pattern_target
 from llmprune.stages import StageContext, stage_kind
@@ -112,10 +121,19 @@ def _validate(params: dict, where: str) -> dict:
 
 def _check_targets(model: nn.Module, params: dict, where: str) -> tuple[dict, dict]:
     selector = TargetSelector(params.get("targets"), params.get("ignore"))
-    targets, heads = prunable_linears(model, selector), head_targets(model, selector)
+    targets, heads = prunable_matrices(model, selector), head_targets(model, selector)
     if not targets and not heads:
         raise UserError(f"{where}: no linear layer matches targets={params.get('targets')!r} "
                         f"ignore={params.get('ignore')!r}")
+    if params.get("allocation") == "owl" and is_moe(model):
+        raise UserError(f"{where}: allocation owl scores the outliers of each layer's linears and does not see "
+                        f"the fused experts of an MoE model yet; use allocation uniform or global")
+    if params.get("allocation") == "search" and is_moe(model):
+        raise UserError(f"{where}: allocation search does not handle the fused experts of an MoE model yet; "
+                        f"use allocation uniform or global")
+    if params.get("permute") and is_moe(model):
+        raise UserError(f"{where}: permute couples dense MLP and attention channels and does not handle the fused "
+                        f"experts of an MoE model yet; leave it off")
     if params.get("allocation") == "search" and heads:
         raise UserError(f"{where}: allocation search spreads the target over the decoder layers; prune "
                         f"{', '.join(heads)} in a stage of its own")
@@ -187,7 +205,7 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
             module_pattern[name] = Pattern(sparsity=layer_sparsity[f"{layers_path}.{layer_index}"])
 
     loop = LayerLoop(ctx=ctx, plan=plan, linears=linears, calib_ids=calib_ids, true_sequential=bool(true_sequential),
-                     couplings=model_couplings(model, pattern) if permute else {},
+                     selector=TargetSelector(targets, ignore), couplings=model_couplings(model, pattern) if permute else {},
                      desc=f"{method} {pattern}" + (f" ({allocation})" if allocation != "uniform" else ""))
     if allocation == "search":
         captured = prune_with_search(loop, pattern, record, step=search_step, levels=search_levels,
@@ -203,6 +221,11 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
             stats = _head_stats(model, module, captured, plan.needs)
         record.modules[name], _ = _prune_module(module, stats, module_pattern.get(name, pattern), plan, ctx.device,
                                                 ctx.masks)
+    if loop.unseen_experts:
+        unseen = loop.unseen_experts
+        record.notes.append(f"{where}: {len(unseen)} expert matrices received no calibration token and were "
+                            f"pruned by magnitude: {', '.join(unseen[:8])}"
+                            + (f" (+{len(unseen) - 8} more)" if len(unseen) > 8 else ""))
     record.achieved = round(record.sparsity, 6)
     return record
 
@@ -215,9 +238,11 @@ class LayerLoop:
     linears: dict[str, nn.Module]
     calib_ids: torch.Tensor | None
     true_sequential: bool
+    selector: TargetSelector
     couplings: dict[str, Coupling]          # permute: consumer path (layer-relative) -> its coupling
     desc: str
     permuted: dict[str, bool] | None = None  # permute: consumer name -> whether its permutation won
+    unseen_experts: list[str] = field(default_factory=list)   # MoE: expert slices no token reached
 
     def run(self, module_pattern: dict[str, Pattern], masks: MaskState, results: dict[str, ModuleResult],
             collector: AllocationSearch | None = None, captured: CapturedInputs | None = None,
@@ -229,17 +254,23 @@ class LayerLoop:
         ctx, plan, where = self.ctx, self.plan, self.ctx.where
         model = ctx.model
         layers_path = spec_for(model).layers
+        moe = spec_for(model).moe
         needs = plan.needs
         self.permuted = self.permuted if self.permuted is not None else {}
 
-        def prune_one(name: str, module: nn.Module, stats: LinearStats | None, layer_name: str,
+        def prune_one(name: str, module: nn.Module | Matrix, stats: LinearStats | None, layer_name: str,
                       pending: list[ChannelPermutation]) -> None:
+            how = plan
             if needs and stats is None:
-                raise UserError(f"{where}: {name} received no input during calibration, so {plan.method.name} has "
-                                f"no statistics for it; exclude it with --ignore")
+                if not (isinstance(module, Matrix) and module.role == "expert"):
+                    raise UserError(f"{where}: {name} received no input during calibration, so {plan.method.name} "
+                                    f"has no statistics for it; exclude it with --ignore")
+                # The router sent this expert no calibration token: there is nothing to weigh its inputs by.
+                how = MatrixPlan(get_method("magnitude"), {})
+                self.unseen_experts.append(name)
             dense = weight_2d(module).detach().clone() if collector is not None else None
             coupling = self.couplings.get(name[len(layer_name) + 1:])
-            results[name], permutation = _prune_module(module, stats, module_pattern[name], plan, ctx.device, masks,
+            results[name], permutation = _prune_module(module, stats, module_pattern[name], how, ctx.device, masks,
                                                        coupling)
             if coupling is not None:
                 self.permuted[name] = permutation is not None
@@ -251,24 +282,32 @@ class LayerLoop:
         def prune_layer(step: LayerStep) -> None:
             if collector is not None:
                 collector.restore_collected()        # the previous layer's outputs are propagated by now
-            layer_targets = {n: m for n, m in layer_linears(step.layer, step.name).items() if n in self.linears}
+            layer_targets = {n: m for n, m in layer_matrices(step.layer, step.name, self.selector, moe).items()
+                             if n in self.linears}
             if not layer_targets:
                 return
             pending: list[ChannelPermutation] = []
             if not needs:
-                for name, module in layer_targets.items():
-                    prune_one(name, module, None, step.name, pending)
+                for name, matrix in layer_targets.items():
+                    prune_one(name, matrix, None, step.name, pending)
                 return
-            obs = LayerObserver(layer_targets, needs)
-            if self.true_sequential:              # prunes every linear and propagates, in one pass
-                step.forward_lockstep(obs, lambda name, stats: prune_one(name, layer_targets[name], stats, step.name,
-                                                                         pending))
-            else:
-                with obs.hooked(stop_early=True):
-                    step.forward_all(obs)
+            # A calibration point is a linear, or a fused experts module for all its expert slices.
+            obs = LayerMatrixObserver(layer_targets, needs, self.true_sequential, moe)
+
+            def prune_point(point: str, stats) -> None:
+                for name, matrix_stats in obs.matrix_stats(point, stats):
+                    prune_one(name, layer_targets[name], matrix_stats, step.name, pending)
+
+            with obs.attached():
+                if self.true_sequential:          # prunes every matrix and propagates, in one pass
+                    step.forward_lockstep(obs, prune_point)
+                else:
+                    with obs.hooked(stop_early=True):
+                        step.forward_all(obs)
+            if not self.true_sequential:
                 obs.seal_all()
-                for name, module in layer_targets.items():
-                    prune_one(name, module, obs.stats.pop(name, None), step.name, pending)
+                for point in list(obs.linears):
+                    prune_point(point, obs.stats.pop(point, None))
             for permutation in pending:           # function-preserving: the layer's outputs are unchanged
                 apply_permutation(step.layer, permutation, masks)
 
