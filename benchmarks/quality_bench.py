@@ -80,10 +80,10 @@ def llmprune_configs(patterns, methods, allocations, refines, permutes, recipes)
                    "refine": "recipe", "permute": False}
 
 
-def llmc_configs(patterns, methods):
+def llmc_configs(patterns, methods, allocations):
     for pattern in patterns:
         for method in methods:
-            for owl in ([False] if ":" in pattern else [False, True]):
+            for owl in ([False] if ":" in pattern else [a == "owl" for a in allocations]):
                 yield {"tool": "llm-compressor", "pattern": pattern, "method": method,
                        "allocation": "owl" if owl else "uniform", "refine": "none", "permute": False}
 
@@ -193,6 +193,7 @@ def main() -> int:
     parser.add_argument("--permutes", default="false,true", help="N:M patterns only")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--llmc-methods", default="sparsegpt,wanda", help="'' to skip llm-compressor")
+    parser.add_argument("--llmc-allocations", default="uniform,owl", help="owl: its sparsity_profile owl")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
@@ -230,7 +231,7 @@ def main() -> int:
 
     done = done_runs()
     permutes = [v.lower() == "true" for v in split(args.permutes)]
-    configs = list(llmc_configs(split(args.patterns), split(args.llmc_methods)))
+    configs = list(llmc_configs(split(args.patterns), split(args.llmc_methods), split(args.llmc_allocations)))
     if args.llmc_methods and not LLMC_PYTHON.is_file():
         print(f"llm-compressor venv not found at {LLMC_PYTHON}; skipping it")
         configs = []

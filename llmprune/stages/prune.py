@@ -15,6 +15,7 @@ calibrated on the pruned gate_up outputs and pruned, all batches go on). Routers
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -100,7 +101,10 @@ def _validate(params: dict, where: str) -> dict:
     if permute and not pattern.is_nm:
         raise UserError(f"{where}: 'permute' reorders input channels before N:M selection; it needs an N:M "
                         f"sparsity like 2:4, not {pattern}")
-    given_search = sorted(k for k in params if k.startswith("search_"))
+    # A recipe as run records every default, so only values that differ from the defaults are "given".
+    defaults = inspect.signature(prune).parameters
+    given_search = sorted(k for k in params if k.startswith("search_") and k in defaults
+                          and params[k] != defaults[k].default)
     if given_search and allocation != "search":
         raise UserError(f"{where}: {', '.join(given_search)} only apply to allocation: search")
     if allocation == "search":
