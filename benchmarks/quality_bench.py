@@ -161,6 +161,7 @@ def tables(runs: list[dict], dense_ppl: float | None) -> str:
     lines = [header, "|" + "---|" * (1 + 2 * len(patterns))]
     if dense_ppl is not None:
         lines.append(f"| dense | " + " | ".join(f"{dense_ppl:.2f} | -" for _ in patterns) + " |")
+    errors: dict[str, list[str]] = {}
     for name in sorted(rows, key=sort_key):
         cells = []
         for p in patterns:
@@ -168,10 +169,13 @@ def tables(runs: list[dict], dense_ppl: float | None) -> str:
             if r is None:
                 cells += ["", ""]
             elif "ppl" not in r:
-                cells += [f"error: {r.get('error', '?')[:60]}", "-"]
+                errors.setdefault(r.get("error", "?"), []).append(f"{name} @ {p}")
+                cells += [f"error {list(errors).index(r.get('error', '?')) + 1}", "-"]
             else:
                 cells += [f"{r['ppl']:.2f}", f"{r['seconds']:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for i, (error, where) in enumerate(errors.items(), 1):
+        lines.append(f"\nerror {i} ({', '.join(where)}): `{error}`")
     searched = [r for r in runs if "search" in r]
     if searched:
         lines += ["", "| search run | pattern | kept | calib loss uniform | calib loss searched | per-layer sparsity |",

@@ -395,7 +395,7 @@ def test_channel_permutation_of_the_couplings_leaves_the_dense_model_unchanged(a
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_permute_in_the_stage_is_nm_in_stored_columns_and_no_worse(arch):
+def test_permute_in_the_stage_is_nm_in_stored_columns_and_moves_the_winners(arch):
     from llmprune.arch import decoder_layers
     ids = _calib()
     plain, _ = _compress(tiny_model(arch), {"method": "sparsegpt", "sparsity": "2:4", "true_sequential": False}, ids)
@@ -483,3 +483,11 @@ def test_quality_recipes_load_and_run_on_a_tiny_model(name):
     if pattern.is_nm:
         for n, m in prunable_linears(model).items():
             assert nm_violations(weight_2d(m), pattern.n, pattern.m) == 0, n
+
+
+@pytest.mark.parametrize("stage", [{"method": "wanda", "sparsity": 0.5, "allocation": "search"},
+                                   {"method": "wanda", "sparsity": "2:4", "permute": True}])
+def test_search_and_permute_refuse_moe_models_before_work(stage):
+    from tiny_models import MOE_CONFIGS
+    with pytest.raises(UserError, match="MoE"):
+        _compress(tiny_model(next(iter(MOE_CONFIGS))), stage)
