@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tinymodel import train_stdlib_llama  # noqa: E402
+from tinymodel import replace_results_section, train_stdlib_llama  # noqa: E402
 
 from llmprune.eval import probes  # noqa: E402
 
@@ -68,7 +68,9 @@ damage shows up in its perplexity and in the built-in probes.
 - Held-out perplexity on the stdlib test split ({test_tokens} tokens, non-overlapping {seqlen}-token
   windows, bfloat16 weights): **{heldout_perplexity}** (an add-one unigram model: {unigram_perplexity}).
 
-{table}
+<!-- table:start -->
+{table}<!-- table:end -->
+
 It writes Python-looking text and closes brackets: use it to try the tool, not as a language model.
 Regenerate with `python benchmarks/make_tiny_model.py` (repository checkout; it trains, then
 measures the table above with the commands shown).
@@ -80,7 +82,10 @@ TABLE_RUNS = [("dense", None),
               ("wanda 50%", ["--method", "wanda", "--sparsity", "0.5"]),
               ("wanda 2:4", ["--method", "wanda", "--sparsity", "2:4"]),
               ("sparsegpt 2:4", ["--method", "sparsegpt", "--sparsity", "2:4"]),
-              ("magnitude 70%", ["--method", "magnitude", "--sparsity", "0.7"])]
+              ("magnitude 70%", ["--method", "magnitude", "--sparsity", "0.7"]),
+              ("wanda 70%", ["--method", "wanda", "--sparsity", "0.7"]),
+              ("sparsegpt 70%", ["--method", "sparsegpt", "--sparsity", "0.7"])]
+TRAINING_JSON = "training.json"   # the recipe and measurements of the run, next to the weights
 
 
 def _excluded_items() -> dict[str, set[str]]:
@@ -181,8 +186,7 @@ def pruning_table(model: Path, work: Path) -> str:
              "| model | " + " | ".join(names) + " | compress s | eval s |",
              "|---|" + "---:|" * (len(names) + 2)]
     for label, tasks, compress_s, eval_s in rows:
-        cells = [f"{tasks[n]['value']:.2f}" if tasks[n]["kind"] == "perplexity" else f"{tasks[n]['value']:.2f}"
-                 for n in names]
+        cells = [f"{tasks[n]['value']:.2f}" for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {'' if compress_s is None else f'{compress_s:.0f}'}"
                      f" | {eval_s:.0f} |")
     return "\n".join(lines) + "\n"
@@ -193,9 +197,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--steps", type=int, default=TINY_LLAMA["steps"],
                         help=f"training steps (default {TINY_LLAMA['steps']})")
-    parser.add_argument("--no-table", action="store_true", help="skip the README's pruning table (~5 minutes)")
+    parser.add_argument("--no-table", action="store_true", help="skip the README's pruning table (~10 minutes)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="no training: re-measure the pruning table of the model in --out and rewrite it "
+                             "in its README (after a CLI change)")
     args = parser.parse_args()
     out = args.out.resolve()
+    if args.table_only:
+        with tempfile.TemporaryDirectory() as work:
+            table = pruning_table(out, Path(work))
+        replace_results_section(out / "README.md", "table", table.rstrip("\n"))
+        print(table)
+        return 0
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -203,6 +216,8 @@ def main() -> int:
     docs = probe_skill_docs(PROBE_DOCS, TINY_LLAMA["seed"])
     meta = train_stdlib_llama(tmp, **{**TINY_LLAMA, "steps": args.steps}, extra_texts=docs,
                               stdlib_repeats=STDLIB_REPEATS)
+    (tmp / TRAINING_JSON).write_text(json.dumps({**TINY_LLAMA, "steps": args.steps, "probe_docs": PROBE_DOCS,
+                                                 "stdlib_repeats": STDLIB_REPEATS, **meta}, indent=1) + "\n")
     for path in tmp.iterdir():  # save_pretrained may leave 0600 files; installed package data must be readable
         path.chmod(0o644)
     table = ""
