@@ -254,7 +254,7 @@ def _train_stdlib_llama(out_dir: Path, *, vocab_size, hidden, layers, heads, kv_
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=32,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False,
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
