@@ -101,7 +101,8 @@ def test_masks_kept_exactly(trained, data, sparsity, nm, mode):
         for name, module in prunable_linears(pruned).items():
             assert torch.all((weight_2d(module) != before[f"{name}.weight"])[~masks[name]] == False)  # noqa: E712
         assert result.masked_modules == len(masks) and result.rank == 8
-        assert result.trainable_parameters == sum(8 * sum(weight_2d(m).shape) for m in prunable_linears(pruned).values())
+        linears = prunable_linears(pruned).values()
+        assert result.trainable_parameters == sum(8 * sum(weight_2d(m).shape) for m in linears)
     else:                # only norm weights (Llama has no biases)
         assert changed and changed == {n for n in changed if "norm" in n}
         assert result.trainable_parameters == sum(p.numel() for p in perp_parameters(pruned).values())
@@ -127,12 +128,37 @@ def test_gpt2_conv1d_masks_kept(data, train):
     """GPT-2 stores weights [in, out] (Conv1D); attn.c_proj is square, so a layout slip would not crash."""
     model = pruned_copy(tiny_model("gpt2"), "2:4")
     masks = keep_masks(model)
+    before = {n: weight_2d(m).clone() for n, m in prunable_linears(model).items()}
     teacher = tiny_model("gpt2")
     heal_model(model, mode="distill", train=train, teacher=teacher, train_ids=data["train"][:16],
                eval_ids=data["eval"][:2], steps=3, lr=1e-3, batch_size=4, progress=False)
     assert_plain(model)
     assert_masks_kept(model, masks, (2, 4))
     assert all(type(m).__name__ == "Conv1D" for m in prunable_linears(model).values())
+    for name, module in prunable_linears(model).items():   # every kept weight trained (a transposed mask would
+        changed = (weight_2d(module) != before[name])[masks[name]]   # block about half of them in c_proj)
+        assert changed.float().mean() > 0.99, name
+
+
+def test_lora_forward_is_what_merge_writes(trained, data):
+    """The wrapped (training) forward equals the merged model's forward: the mask applies to both."""
+    from llmprune.heal import attach_lora, merge_lora
+
+    model = pruned_copy(trained, "2:4")
+    masks = keep_masks(model)
+    wrappers = attach_lora(model, prunable_linears(model), rank=4, alpha=8.0, masks=None,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for w in wrappers.values():
+            w.lora_B.normal_(std=0.05)      # B = 0 at init would make any forward trivially equal
+        ids = data["eval"][:2]
+        wrapped = model(input_ids=ids).logits
+        merge_lora(model, wrappers)
+        merged = model(input_ids=ids).logits
+    assert_plain(model)
+    assert_masks_kept(model, masks, (2, 4))
+    assert torch.allclose(wrapped, merged, atol=1e-4)
+    assert not torch.allclose(merged, pruned_copy(trained, "2:4")(input_ids=ids).logits, atol=1e-2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def register(sub) -> None:
                         "distill: the unpruned model teaches")
     p.add_argument("--output", "-o", required=True, metavar="OUT", help="output directory (must not exist)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 for lora/perp, 1e-4 all)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-3 for lora/perp, 1e-4 for all)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="windows per forward/backward pass (gradient accumulation; default: --batch-size)")
@@ -34,12 +35,14 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha/rank (default 2·rank)")
     p.add_argument("--train", choices=TRAIN_SETS, default=None,
-                   help="distill: what to train: lora (default, sparsity kept), perp, or all (pruned weights held at 0)")
+                   help="distill: what to train: lora (default, sparsity kept), perp, or all (pruned weights "
+                        "held at 0)")
     p.add_argument("--data", default=None,
                    help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default: DIR's calibration source")
     p.add_argument("--samples", type=int, default=None,
                    help="distinct training windows (default: steps × batch size, or as many as the text holds)")
-    p.add_argument("--eval-samples", type=int, default=16, help="held-out windows for the loss before/after (default 16)")
+    p.add_argument("--eval-samples", type=int, default=16,
+                   help="held-out windows for the loss before/after (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window draw, LoRA init, batch order, sampling")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="training compute dtype (default: the checkpoint's; float32 on CPUs without fast bf16). "
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     if target == src.resolve():
         raise UserError("--output must differ from DIR (the input is never modified)")
 
-    from llmprune.calibration.data import check_source, describe_source
+    from llmprune.calibration.data import check_source
 
     recipe_calib = (source.get("recipe") or {}).get("calibration") or {}
     calib = source.get("calibration") or None
@@ -184,23 +187,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--self-generate needs windows of at least 4 tokens, got seqlen {seqlen}")
 
     # The windows, before any weights are loaded: too little text fails here.
-    from llmprune.calibration.data import disjoint_windows, load_texts
+    from llmprune.heal.data import heal_windows
 
     tokenizer = load_tokenizer(str(src), args.trust_remote_code)
-    exclude = None
-    if calib and calib.get("source") == describe_source(data):
-        exclude = {"samples": calib["samples"], "seqlen": calib["seqlen"], "seed": calib.get("seed", 0)}
-    n_train = args.samples or args.steps * args.batch_size
-    windows = disjoint_windows(tokenizer, load_texts(data, "train"), args.eval_samples + n_train, seqlen, args.seed,
-                               exclude_samples=(exclude or {}).get("samples", 0),
-                               exclude_seqlen=(exclude or {}).get("seqlen"),
-                               exclude_seed=(exclude or {}).get("seed", recipe_calib.get("seed", 0)),
-                               allow_fewer=args.samples is None)
-    if windows.shape[0] <= args.eval_samples:
-        raise UserError(f"{describe_source(data)} holds only {windows.shape[0]} windows of {seqlen} tokens outside the "
-                        f"calibration windows, not enough for {args.eval_samples} held-out windows and training; "
-                        "give more text (--data), a smaller --seqlen or fewer --eval-samples")
-    eval_ids, train_ids = windows[: args.eval_samples], windows[args.eval_samples:]
+    if calib and calib.get("source") == "tensor":
+        print("note: DIR was calibrated on a token tensor; heal windows cannot be checked against it")
+    windows = heal_windows(tokenizer, data, seqlen=seqlen, train_samples=args.samples, eval_samples=args.eval_samples,
+                           seed=args.seed, calibration=calib, default_train_samples=args.steps * args.batch_size)
+    train_ids, eval_ids = windows.train_ids, windows.eval_ids
 
     model = load_model(str(src), "auto", args.trust_remote_code)
     save_dtype = model.dtype
@@ -228,10 +222,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llmprune.io.save import command_line, output_dir, save_model, versions, write_sidecar
 
-    record = {"method": "heal", **result.to_dict(),
-              "data": {"source": describe_source(data), "split": "train", "windows": result.train_windows,
-                       "eval_windows": int(eval_ids.shape[0]), "seqlen": seqlen, "seed": args.seed,
-                       "tokens": result.train_windows * seqlen, "disjoint_from_calibration": exclude},
+    record = {"method": "heal", **result.to_dict(), "data": windows.spec,
               "sparsity_after": _sparsity_after(model, source),
               "input": str(src.resolve()), "command": command_line()}
     if teacher_name is not None:

@@ -38,7 +38,8 @@ HEAL_MODES = ("perp", "lora", "distill")
 TRAIN_SETS = ("lora", "perp", "all")
 DISTILL_LOSSES = ("kl", "ce")
 TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Learning rates by what is trained (tuned on benchmarks/heal_bench.py; see RESULTS.md).
+# Learning rates by what is trained: conservative for LLMs. The 4M benchmark model (benchmarks/heal_bench.py)
+# prefers higher ones at 40 steps: perp 3e-3, lora 1e-2.
 DEFAULT_LR = {"perp": 1e-3, "lora": 1e-3, "all": 1e-4}
 _PRECISION = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
 
@@ -158,113 +159,118 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
     target_device = torch.device(device)
     model.to(target_device)
 
-    linears = prunable_linears(model)
-    if masks is not None:
-        unknown = sorted(set(masks) - set(linears))
-        if unknown:
-            raise UserError(f"masks name modules that are not prunable linears of this model: {', '.join(unknown[:3])}")
-    masked_names = sorted(masks) if masks is not None else [n for n, m in linears.items() if (weight_2d(m) == 0).any()]
-    zeros_before = {name: int((weight_2d(linears[name]) == 0).sum()) for name in masked_names}
+    try:
+        linears = prunable_linears(model)
+        if masks is not None:
+            unknown = sorted(set(masks) - set(linears))
+            if unknown:
+                raise UserError(f"masks name modules that are not prunable linears of this model: "
+                                f"{', '.join(unknown[:3])}")
+        masked_names = (sorted(masks) if masks is not None
+                        else [n for n, m in linears.items() if (weight_2d(m) == 0).any()])
+        zeros_before = {name: int((weight_2d(linears[name]) == 0).sum()) for name in masked_names}
 
-    fork_devices = [target_device.index or 0] if target_device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        loss_before = mean_nll(model, eval_ids, micro)
-        teacher_loss = None
-        loss_mask = None
-        sequences = train_ids
-        if mode == "distill":
-            teacher.eval()
-            teacher_loss = mean_nll(teacher, eval_ids, micro)
-            if self_generated:
-                sequences, loss_mask = generate_responses(
-                    teacher, prompts_ids, response_tokens or prompts_ids.shape[1], generation=generation,
-                    batch_size=micro, progress=progress)
+        fork_devices = [target_device.index or 0] if target_device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            loss_before = mean_nll(model, eval_ids, micro)
+            teacher_loss = None
+            loss_mask = None
+            sequences = train_ids
+            if mode == "distill":
+                teacher.eval()
+                teacher_loss = mean_nll(teacher, eval_ids, micro)
+                if self_generated:
+                    sequences, loss_mask = generate_responses(
+                        teacher, prompts_ids, response_tokens or prompts_ids.shape[1], generation=generation,
+                        batch_size=micro, progress=progress)
 
-        wrappers: dict[str, MaskedLoRA] = {}
-        grad_hooks = []
-        merged = False
-        try:
-            for p in params.values():
-                p.requires_grad_(False)
-            if _PRECISION[compute_dtype] > min(_PRECISION[d] for d in orig_dtype.values()):
-                _cast_params(params.values(), compute_dtype)       # e.g. a bf16 checkpoint trained in fp32
-            keep_masks: dict[str, torch.Tensor] = {}      # train=all: [out, in] per masked linear
-            layout_keep: dict[str, torch.Tensor] = {}     # ... in the parameter's own layout
-            if train == "lora":
-                wrappers = attach_lora(model, linears, rank, alpha, masks, generator)
-                trainable = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
-            elif train == "perp":
-                trainable = list(perp_parameters(model).values())
-                if not trainable:
-                    raise UserError("this model has no normalisation weights or biases to train (perp)")
-            else:   # all: every parameter; pruned entries get zero gradient and are re-zeroed after each step
-                trainable = list(params.values())
-                for name in masked_names:
-                    module = linears[name]
-                    keep = masks[name].to(module.weight.device) if masks is not None else weight_2d(module) != 0
-                    keep_masks[name] = keep
-                    # The hook sees the gradient in the parameter's own layout (GPT-2 Conv1D: [in, out]);
-                    # weight_2d is a transposed view exactly when the strides differ.
-                    transposed = weight_2d(module).stride() != module.weight.stride()
-                    layout_keep[name] = keep.t() if transposed else keep
-            for p in trainable:
-                if p.dtype != torch.float32:
-                    p.data = p.data.float()                         # fp32 masters for what is trained
-                p.requires_grad_(True)
-            for name, keep in layout_keep.items():
-                grad_hooks.append(linears[name].weight.register_hook(lambda g, k=keep: g * k))
-            trainable_parameters = sum(p.numel() for p in trainable)
+            wrappers: dict[str, MaskedLoRA] = {}
+            grad_hooks = []
+            merged = False
+            try:
+                for p in params.values():
+                    p.requires_grad_(False)
+                if _PRECISION[compute_dtype] > min(_PRECISION[d] for d in orig_dtype.values()):
+                    _cast_params(params.values(), compute_dtype)       # e.g. a bf16 checkpoint trained in fp32
+                keep_masks: dict[str, torch.Tensor] = {}      # train=all: [out, in] per masked linear
+                layout_keep: dict[str, torch.Tensor] = {}     # ... in the parameter's own layout
+                if train == "lora":
+                    wrappers = attach_lora(model, linears, rank, alpha, masks, generator)
+                    trainable = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
+                elif train == "perp":
+                    trainable = list(perp_parameters(model).values())
+                    if not trainable:
+                        raise UserError("this model has no normalisation weights or biases to train (perp)")
+                else:   # all: every parameter; pruned entries get zero gradient and are re-zeroed after each step
+                    trainable = list(params.values())
+                    for name in masked_names:
+                        module = linears[name]
+                        keep = masks[name].to(module.weight.device) if masks is not None else weight_2d(module) != 0
+                        keep_masks[name] = keep
+                        # The hook sees the gradient in the parameter's own layout (GPT-2 Conv1D: [in, out]);
+                        # weight_2d is a transposed view exactly when the strides differ.
+                        transposed = weight_2d(module).stride() != module.weight.stride()
+                        layout_keep[name] = keep.t() if transposed else keep
+                for p in trainable:
+                    if p.dtype != torch.float32:
+                        p.data = p.data.float()                         # fp32 masters for what is trained
+                    p.requires_grad_(True)
+                for name, keep in layout_keep.items():
+                    grad_hooks.append(linears[name].weight.register_hook(lambda g, k=keep: g * k))
+                trainable_parameters = sum(p.numel() for p in trainable)
 
-            if gradient_checkpointing and not was_checkpointing:
-                _set_checkpointing(model, True)
+                if gradient_checkpointing and not was_checkpointing:
+                    _set_checkpointing(model, True)
 
-            def batch_loss(rows: torch.Tensor, total_positions: int) -> torch.Tensor:
-                ids = sequences[rows].to(target_device)                              # [b, L]
-                mask = loss_mask[rows].to(target_device)[:, 1:] if loss_mask is not None else None   # [b, L-1]
-                with torch.autocast(target_device.type, dtype=compute_dtype,
-                                    enabled=compute_dtype != torch.float32):
-                    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]    # [b, L-1, V]
-                if distill_loss == "kl":
+                def batch_loss(rows: torch.Tensor, total_positions: int) -> torch.Tensor:
+                    ids = sequences[rows].to(target_device)                              # [b, L]
+                    mask = loss_mask[rows].to(target_device)[:, 1:] if loss_mask is not None else None   # [b, L-1]
+                    with torch.autocast(target_device.type, dtype=compute_dtype,
+                                        enabled=compute_dtype != torch.float32):
+                        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]    # [b, L-1, V]
+                    if distill_loss == "kl":
+                        with torch.no_grad():
+                            teacher_device = next(teacher.parameters()).device
+                            teacher_logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits[:, :-1]
+                        total, _ = kl_sum(logits, teacher_logits.to(target_device), temperature, mask)
+                    else:
+                        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                              reduction="none").view(ids.shape[0], -1)    # [b, L-1]
+                        total = nll.sum() if mask is None else (nll * mask).sum()
+                    return total / total_positions
+
+                def after_step() -> None:
                     with torch.no_grad():
-                        teacher_device = next(teacher.parameters()).device
-                        teacher_logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits[:, :-1]
-                    total, _ = kl_sum(logits, teacher_logits.to(target_device), temperature, mask)
-                else:
-                    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                          reduction="none").view(ids.shape[0], -1)    # [b, L-1]
-                    total = nll.sum() if mask is None else (nll * mask).sum()
-                return total / total_positions
+                        for name, keep in keep_masks.items():
+                            weight_2d(linears[name]).mul_(keep)
 
-            def after_step() -> None:
-                with torch.no_grad():
-                    for name, keep in keep_masks.items():
-                        weight_2d(linears[name]).mul_(keep)
+                desc = f"heal {mode}" + (f" ({train})" if mode == "distill" else "")
+                losses = _train(model, trainable, sequences, loss_mask, steps, lr, batch_size, micro, generator,
+                                batch_loss, after_step, progress, desc)
+                if wrappers:
+                    merge_lora(model, wrappers)      # raises if a zero outside a mask would be lost
+                    merged = True
+            finally:
+                for hook in grad_hooks:
+                    hook.remove()
+                if wrappers and not merged:
+                    detach_lora(model, wrappers)
+                if gradient_checkpointing and not was_checkpointing and _is_checkpointing(model):
+                    _set_checkpointing(model, False)
+                model.eval()
+                for name, p in params.items():
+                    if p.dtype != orig_dtype[name]:
+                        p.data = p.data.to(orig_dtype[name])
+                    p.requires_grad_(orig_requires_grad[name])
+                    if p.grad is not None:
+                        p.grad = None
 
-            losses = _train(model, trainable, sequences, loss_mask, steps, lr, batch_size, micro, generator,
-                            batch_loss, after_step, progress, f"heal {mode}" + (f" ({train})" if mode == "distill" else ""))
-            if wrappers:
-                merge_lora(model, wrappers)      # raises if a zero outside a mask would be lost
-                merged = True
-        finally:
-            for hook in grad_hooks:
-                hook.remove()
-            if wrappers and not merged:
-                detach_lora(model, wrappers)
-            if gradient_checkpointing and not was_checkpointing and _is_checkpointing(model):
-                _set_checkpointing(model, False)
-            model.eval()
-            for name, p in params.items():
-                if p.dtype != orig_dtype[name]:
-                    p.data = p.data.to(orig_dtype[name])
-                p.requires_grad_(orig_requires_grad[name])
-                if p.grad is not None:
-                    p.grad = None
-
-    _check_zeros_kept(linears, masked_names, masks or keep_masks, zeros_before)
-    loss_after = mean_nll(model, eval_ids, micro)
-    model.to(orig_device)
+        _check_zeros_kept(linears, masked_names, masks or keep_masks, zeros_before)
+        loss_after = mean_nll(model, eval_ids, micro)
+    finally:
+        model.to(orig_device)      # also when training failed
     last = losses[-min(10, len(losses)):]
     distill = None
     if mode == "distill":
