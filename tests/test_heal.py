@@ -213,6 +213,30 @@ def test_self_generated_data_is_the_teachers_continuation(trained, data):
 # structured outputs, dtype, determinism
 
 
+@pytest.mark.parametrize("mode", ["perp", "lora"])
+def test_optimizer_holds_only_what_is_trained(trained, data, monkeypatch, mode):
+    """AdamW gets exactly the trained tensors, and nothing else in the model requires grad meanwhile."""
+    import llmprune.heal.core as core
+
+    seen = {}
+    real_adamw = torch.optim.AdamW
+
+    def spy(params, **kwargs):
+        params = list(params)
+        seen["optimized"] = {id(p) for p in params}
+        seen["requires_grad"] = {id(p) for p in model.parameters() if p.requires_grad}
+        seen["numel"] = sum(p.numel() for p in params)
+        return real_adamw(params, **kwargs)
+
+    monkeypatch.setattr(core.torch.optim, "AdamW", spy)
+    model = pruned_copy(trained, 0.5)
+    result = heal_model(model, mode=mode, train_ids=data["train"][:8], eval_ids=data["eval"][:2], steps=1, lr=1e-3,
+                        batch_size=4, progress=False)
+    assert seen["optimized"] == seen["requires_grad"]
+    assert seen["numel"] == result.trainable_parameters < result.total_parameters / 5
+    assert all(p.requires_grad for p in model.parameters())      # restored afterwards
+
+
 def test_structured_narrow_mlp_merges_and_reloads(data, tmp_path):
     """A width-pruned output: MLP narrower than the config it came from. Dense linears just merge."""
     model = tiny_model("llama")
