@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -50,7 +49,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from tinymodel import (CACHE_DIR, COMPRESS_BENCH_LLAMA, encode_joined, get_trained_llama,  # noqa: E402
-                       heldout_perplexity)
+                       heldout_perplexity, replace_results_section)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("0.5", "4:8", "2:4")
@@ -204,7 +203,6 @@ def main() -> int:
 
     model_name, overrides = MODELS[args.model]
     model_dir = get_trained_llama(model_name, **overrides)
-    mark_start, mark_end = f"<!-- compress_bench:{args.model}:start -->", f"<!-- compress_bench:{args.model}:end -->"
     meta = json.loads((model_dir / "train_meta.json").read_text())
     seqlen = meta["seqlen"]
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -289,20 +287,15 @@ def main() -> int:
 
     if args.results_md:
         command = "`.venv/bin/python benchmarks/compress_bench.py " + " ".join(sys.argv[1:]) + "`"
-        section = "\n\n".join(x for x in [
-            mark_start, f"### Model `{model_name}`", f"Command: {command}", env,
+        body = "\n\n".join(x for x in [
+            f"### Model `{model_name}`", f"Command: {command}", env,
             f"#### Held-out perplexity (stdlib test, seqlen {seqlen}) and time, side by side with llm-compressor "
             f"0.14.0.1\n\n'compress() s' is llmprune's own timing of `llmprune.compress()`; 'process s' is a whole "
             f"process per tool (start Python, load the saved model, prune on the same calib.pt, save); "
             f"speedup = llm-compressor process s / llmprune process s.\n\n{side}",
-            f"#### Per-matrix time (random weights, statistics from 4096 random tokens)\n\n{matrix}" if matrix else "",
-            mark_end] if x)
-        text = args.results_md.read_text() if args.results_md.is_file() else "# Benchmark results\n"
-        if mark_start in text and mark_end in text:
-            text = re.sub(re.escape(mark_start) + ".*?" + re.escape(mark_end), lambda m: section, text, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        args.results_md.write_text(text)
+            f"#### Per-matrix time (random weights, statistics from 4096 random tokens)\n\n{matrix}" if matrix else ""]
+            if x)
+        replace_results_section(args.results_md, f"compress_bench:{args.model}", body)
         print(f"\nwrote section into {args.results_md}")
     return 0
 

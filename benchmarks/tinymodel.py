@@ -244,6 +244,25 @@ def _train_stdlib_llama(out_dir: Path, *, vocab_size, hidden, layers, heads, kv_
     return meta
 
 
+# --------------------------------------------------------------------------------------------
+# results file
+
+
+def replace_results_section(results_md: Path, name: str, body: str) -> None:
+    """Put `body` between `<!-- NAME:start -->` / `<!-- NAME:end -->` markers in RESULTS.md, replacing what
+    an earlier run wrote there (appended at the end the first time)."""
+    import re
+
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    section = f"{start}\n\n{body}\n\n{end}"
+    text = results_md.read_text() if results_md.is_file() else "# Benchmark results\n"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda m: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    results_md.write_text(text)
+
+
 # Default recipe of the benchmark model. Changing any value retrains (the cache key is these args).
 STDLIB_LLAMA = dict(vocab_size=2048, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688,
                     seqlen=256, batch_size=8, steps=1000, lr=3e-3, max_wall_s=900.0, seed=0,

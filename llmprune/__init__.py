@@ -4,6 +4,8 @@ Public API (imported lazily so `import llmprune` stays cheap):
     llmprune.compress(model, tokenizer, recipe, calib=...)  -> (model, report)
     llmprune.Recipe, llmprune.load_recipe(name_or_path)
     llmprune.load_pretrained(dir)                          -> model with packed 2:4 modules
+    llmprune.load_model(name_or_path, *, dtype="auto", device="cpu", revision=None,
+                        trust_remote_code=False)           -> (model, tokenizer); also "llmprune-tiny"
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ _LAZY = {
     "Stage": ("llmprune.recipe", "Stage"),
     "load_recipe": ("llmprune.recipe", "load_recipe"),
     "load_pretrained": ("llmprune.kernels", "load_pretrained"),
+    "load_model": ("llmprune.io.load", "load"),
     "UserError": ("llmprune.errors", "UserError"),
 }
 

@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
-from llmprune.arch import weight_2d
+from llmprune.arch import decoder_layers, layer_linears, spec_for, weight_2d
 from llmprune.masks import num_to_prune
 
 
@@ -62,3 +63,33 @@ def global_magnitude_sparsities(modules: dict, target: float, min_density: float
         counts[name] += room
         leftover -= room
     return {n: counts[n] / abs_weights[n].numel() for n in abs_weights}
+
+
+def owl_layer_sparsities_for_model(model, calib_ids: torch.Tensor, batch_size: int, selector, device: str,
+                                   target: float, owl_m: float, owl_lambda: float,
+                                   progress: bool = True) -> dict[str, float]:
+    """OWL's first (dense) pass: the outlier ratio of every decoder layer's targeted linears, mapped to
+    per-layer sparsities {layer name: sparsity} (layers with no targeted linear are left out)."""
+    from llmprune.calibration.engine import capture_layer_inputs, layerwise
+    from llmprune.calibration.observers import LayerObserver
+
+    prefix = spec_for(model).layers
+    ratios: list[float] = []
+
+    def step(s):
+        linears = {n: m for n, m in layer_linears(s.layer, s.name).items() if selector.wants(n)}
+        if not linears:
+            ratios.append(float("nan"))
+            return
+        obs = LayerObserver(linears, {"input_sq_norm"})
+        with obs.hooked(stop_early=True):
+            s.forward_all(obs)
+        ratios.append(owl_outlier_ratio([weight_2d(m) for m in linears.values()],
+                                        [obs.stats[n].input_sq_norm for n in linears], owl_m))
+
+    captured = capture_layer_inputs(model, calib_ids, batch_size)
+    with tqdm(total=len(decoder_layers(model)), desc="OWL outlier scan", disable=not progress, unit="layer") as bar:
+        layerwise(model, captured, device, prefix, step, bar)
+    valid = [r for r in ratios if r == r]
+    per_layer = iter(owl_layer_sparsities(valid, target, owl_lambda))
+    return {f"{prefix}.{i}": next(per_layer) for i, r in enumerate(ratios) if r == r}

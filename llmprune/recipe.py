@@ -1,20 +1,25 @@
 """Recipes: the one object behind the CLI flags, the Python API and YAML files.
 
-    description: Wanda at 50% unstructured
+    description: drop 2 layers, narrow the MLP, then Wanda 2:4
     calibration: {data: c4, samples: 128, seqlen: 2048, seed: 0}
     stages:
-      - method: wanda
-        sparsity: 0.5          # or "2:4" (N zeros per M inputs)
-        allocation: uniform    # uniform | owl | global (global: magnitude only)
-        # true_sequential: true | false; omitted = the method's default (sparsegpt: true if memory allows)
-        # owl_m: 5, owl_lambda: 0.08, min_density: 0.05, targets: REGEX, ignore: REGEX,
-        # plus the method's own parameters (e.g. sparsegpt: block_size, dampening)
+      - method: layer-drop     # a structured stage kind
+        num_layers: 2
+      - method: width
+        mlp_keep: 0.8
+      - method: wanda          # a pruning method: the `prune` stage kind
+        sparsity: 2:4          # or 0.5 (unstructured)
+        allocation: uniform    # uniform | owl | global | search
 
-Every key is validated before a model is loaded; an unknown key is an error that names it.
+`method:` names the stage; its other keys are the keyword-only parameters of the stage kind
+(`llmprune.stages`) and, for pruning methods, of the method (`llmprune.methods`). `llmprune recipes`
+lists every key. Every key and value is validated before a model is loaded; an error names the
+file, the stage and the key.
 Named recipes live in `recipes/` (installed as `llmprune.recipes`) and are found by file stem.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,10 +30,26 @@ import yaml
 from llmprune.errors import UserError
 from llmprune.masks import Pattern, parse_pattern
 
-ALLOCATIONS = ("uniform", "owl", "global")
-STAGE_KEYS = ("method", "sparsity", "allocation", "owl_m", "owl_lambda", "min_density", "targets", "ignore",
-              "true_sequential")
 CALIB_KEYS = ("data", "samples", "seqlen", "seed", "batch_size")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `2:4` as the base-60 integer 124; in a recipe it is always an N:M pattern, so
+    scalars with a colon are never resolved as numbers here (the int/float resolvers lose their
+    base-60 forms)."""
+
+
+_BASE60_FREE = {
+    "tag:yaml.org,2002:int": r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$",
+    "tag:yaml.org,2002:float": (r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+}
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _BASE60_FREE]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _regexp in _BASE60_FREE.items():
+    _RecipeLoader.add_implicit_resolver(_tag, re.compile(_regexp), list("-+0123456789."))
+
 TOP_KEYS = ("name", "description", "calibration", "stages")
 
 
@@ -54,70 +75,52 @@ class Calibration:
 
 @dataclass
 class Stage:
+    """One recipe stage: `method` and the keys given for it (validated, coerced)."""
     method: str
-    sparsity: Any
-    allocation: str = "uniform"
-    owl_m: float = 5.0          # outlier threshold: score > owl_m * mean (OWL's Hyper_m; README uses 5)
-    owl_lambda: float = 0.08    # per-layer sparsities lie in [S - lambda, S + lambda]
-    min_density: float = 0.0    # global allocation: every matrix keeps at least this fraction
-    targets: str | None = None
-    ignore: str | None = None
-    # Calibration schedule inside a decoder layer. False: statistics of every linear come from the
-    # dense layer, then one more pass propagates the pruned outputs (reference Wanda/SparseGPT).
-    # True: [q,k,v] -> [o] -> [gate,up] -> [down] are pruned one after another, each calibrated on
-    # the outputs of the already-pruned ones (SparseGPT's --true-sequential), in a single pass.
-    # None: the method's default, if a layer's calibration activations fit in memory (api.py).
-    true_sequential: bool | None = None
     params: dict = field(default_factory=dict)
 
+    @classmethod
+    def build(cls, method: Any, params: dict, where: str) -> "Stage":
+        from llmprune.stages import kind_for, validate_stage
+
+        if not isinstance(method, str) or not method:
+            raise UserError(f"{where}: 'method' must be a method name like wanda or width, got {method!r}")
+        try:
+            kind_for(method)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        return cls(method=method, params=validate_stage(method, params, f"{where} ({method})"))
+
     @property
-    def pattern(self) -> Pattern:
-        return parse_pattern(self.sparsity)
+    def kind(self) -> str:
+        from llmprune.stages import kind_for
 
-    def validate(self, where: str) -> "Stage":
-        from llmprune.arch import TargetSelector
-        from llmprune.methods import get_method
+        return kind_for(self.method).name
 
-        spec = get_method(self.method)
-        pattern = self.pattern
-        if self.allocation not in ALLOCATIONS:
-            raise UserError(f"{where}: allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
-        if self.allocation != "uniform" and pattern.is_nm:
-            raise UserError(f"{where}: allocation '{self.allocation}' needs unstructured sparsity, not {pattern}")
-        if self.allocation == "global" and self.method != "magnitude":
-            raise UserError(f"{where}: allocation 'global' ranks |W| across matrices and is only for method magnitude")
-        for key in ("owl_m", "owl_lambda", "min_density"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f"{where}: '{key}' must be a number, got {value!r}")
-        if self.owl_m <= 0 or not (0 <= self.owl_lambda < 1):
-            raise UserError(f"{where}: need owl_m > 0 and 0 <= owl_lambda < 1")
-        if self.true_sequential is not None and not isinstance(self.true_sequential, bool):
-            raise UserError(f"{where}: 'true_sequential' must be true or false, got {self.true_sequential!r}")
-        if self.true_sequential is not None and not spec.needs:
-            raise UserError(f"{where}: 'true_sequential' is a calibration schedule; method {self.method} "
-                            f"uses no calibration data")
-        if not (0 <= self.min_density < 1):
-            raise UserError(f"{where}: min_density must be in [0, 1)")
-        if self.allocation == "global" and self.min_density > 1 - pattern.sparsity:
-            raise UserError(f"{where}: min_density {self.min_density} cannot be met at sparsity {pattern.sparsity}")
-        TargetSelector(self.targets, self.ignore)
-        self.params = spec.check_params(self.params, where, STAGE_KEYS)
-        return self
+    def get(self, key: str, default: Any = None) -> Any:
+        """A parameter as the stage will run it (given, or the stage kind's default)."""
+        from llmprune.stages import resolved_params
+
+        return resolved_params(self.method, self.params).get(key, default)
+
+    @property
+    def pattern(self) -> Pattern | None:
+        """The target pattern of a prune stage (None for other kinds)."""
+        sparsity = self.params.get("sparsity")
+        return parse_pattern(sparsity) if sparsity is not None else None
+
+    @property
+    def true_sequential(self) -> bool | None:
+        return self.params.get("true_sequential")
+
+    def needs_calibration(self) -> bool:
+        from llmprune.stages import kind_for, resolved_params
+
+        return kind_for(self.method).needs_calibration({"method": self.method,
+                                                        **resolved_params(self.method, self.params)})
 
     def to_dict(self) -> dict:
-        out = {"method": self.method, "sparsity": self.sparsity, "allocation": self.allocation}
-        if self.allocation == "owl":
-            out.update(owl_m=self.owl_m, owl_lambda=self.owl_lambda)
-        if self.allocation == "global":
-            out["min_density"] = self.min_density
-        for key in ("targets", "ignore"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        if self.true_sequential is not None:
-            out["true_sequential"] = self.true_sequential
-        out.update(self.params)
-        return out
+        return {"method": self.method, **self.params}
 
 
 @dataclass
@@ -142,12 +145,9 @@ class Recipe:
             at = f"{where}: stages[{i}]"
             if not isinstance(raw, dict):
                 raise UserError(f"{at} must be a mapping like {{method: wanda, sparsity: 0.5}}")
-            for required in ("method", "sparsity"):
-                if required not in raw:
-                    raise UserError(f"{at} is missing '{required}'")
-            known = {k: raw[k] for k in STAGE_KEYS if k in raw}
-            params = {k: v for k, v in raw.items() if k not in STAGE_KEYS}
-            stages.append(Stage(**known, params=params).validate(at))
+            if "method" not in raw:
+                raise UserError(f"{at} is missing 'method'")
+            stages.append(Stage.build(raw["method"], {k: v for k, v in raw.items() if k != "method"}, at))
         calib_raw = data.get("calibration") or {}
         if not isinstance(calib_raw, dict):
             raise UserError(f"{where}: 'calibration' must be a mapping")
@@ -159,9 +159,11 @@ class Recipe:
                    description=str(data.get("description") or ""))
 
     @classmethod
-    def from_cli(cls, method: str, sparsity, allocation: str = "uniform", **kwargs) -> "Recipe":
+    def from_cli(cls, method: str, sparsity=None, **kwargs) -> "Recipe":
         """One-stage recipe from CLI-style arguments (`None` values mean 'default')."""
-        stage = {"method": method, "sparsity": sparsity, "allocation": allocation}
+        stage: dict = {"method": method}
+        if sparsity is not None:
+            stage["sparsity"] = sparsity
         calib = {}
         for key, value in kwargs.items():
             if value is None:
@@ -171,6 +173,9 @@ class Recipe:
             else:
                 stage[key] = value
         return cls.from_dict({"stages": [stage], "calibration": calib}, where="arguments")
+
+    def needs_calibration(self) -> bool:
+        return any(stage.needs_calibration() for stage in self.stages)
 
     def to_dict(self) -> dict:
         out: dict = {}
@@ -205,7 +210,7 @@ def load_recipe(name_or_path: str | Path | dict | Recipe) -> Recipe:
             raise UserError(f"recipe '{text}' is neither a file nor a named recipe ({', '.join(sorted(named))})")
         path = named[text]
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

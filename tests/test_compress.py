@@ -127,27 +127,86 @@ def test_global_magnitude_respects_total_and_min_density():
     assert len({r.target for r in report.modules.values()}) > 1   # genuinely non-uniform
 
 
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
 def test_lm_head_only_when_targeted_explicitly():
     model = tiny_model("llama")
+    before = _weights(model)
     model, report = run(model, {"method": "wanda", "sparsity": 0.5, "targets": r"lm_head"})
     assert list(report.modules) == ["lm_head"]
-    assert (model.lm_head.weight == 0).float().mean().item() == pytest.approx(0.5)
-    assert all((weight_2d(m) != 0).all() for m in prunable_linears(model).values())
+    head, dense_head = model.lm_head.weight, before["lm_head.weight"]
+    assert (head == 0).float().mean().item() == pytest.approx(0.5)
+    assert torch.equal(head[head != 0], dense_head[head != 0])          # survivors bit-identical (Wanda masks)
+    for name, tensor in model.state_dict().items():                      # everything else untouched
+        if name != "lm_head.weight":
+            assert torch.equal(tensor, before[name]), name
 
 
 def test_targets_and_ignore_select_modules():
     model = tiny_model("llama")
+    before = _weights(model)
     model, report = run(model, {"method": "magnitude", "sparsity": 0.5, "targets": r"mlp\.", "ignore": "down_proj"})
-    assert report.modules and all(("gate_proj" in n or "up_proj" in n) for n in report.modules)
+    expected = {n for n in prunable_linears(model) if ("gate_proj" in n or "up_proj" in n)}
+    assert set(report.modules) == expected
+    for name, tensor in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in expected and name.endswith("weight"):
+            assert (tensor == 0).float().mean().item() == pytest.approx(0.5), name
+        else:                                                            # non-targets bit-identical
+            assert torch.equal(tensor, before[name]), name
+
+
+def _compress_recording(model, stages, linear="layers.1.mlp.gate_proj"):
+    """compress(model, stages), returning the input Hessian the run collected for `linear`."""
+    from llmprune.calibration import observers
+
+    seen = {}
+    orig = observers.LayerObserver.seal
+
+    def spy(self, stats):
+        if stats.hessian is not None and any(s is stats and n.endswith(linear) for n, s in self.stats.items()):
+            seen.setdefault("hessian", stats.hessian.clone())
+        return orig(self, stats)
+
+    observers.LayerObserver.seal = spy
+    try:
+        model, report = llmprune.compress(model, None, {"stages": stages}, calib=calib_ids(), device="cpu",
+                                          progress=False)
+    finally:
+        observers.LayerObserver.seal = orig
+    return model, report, seen["hessian"]
 
 
 def test_multi_stage_recipe():
-    model = tiny_model("llama")
-    recipe = {"stages": [{"method": "wanda", "sparsity": 0.3, "targets": "self_attn"},
-                         {"method": "sparsegpt", "sparsity": "2:4", "targets": "mlp"}]}
-    model, report = llmprune.compress(model, None, recipe, calib=calib_ids(), device="cpu", progress=False)
-    assert {r.target for n, r in report.modules.items() if "self_attn" in n} == {"0.3"}
+    """Each stage is recorded as itself (not as the last one), in the report, the summary and the sidecar;
+    stage 2 calibrates on the model stage 1 left."""
+    from llmprune.io.sidecar import compress_sidecar, describe
+
+    stages = [{"method": "wanda", "sparsity": 0.3, "targets": "self_attn"},
+              {"method": "sparsegpt", "sparsity": "2:4", "targets": "mlp"}]
+    model, report, hessian = _compress_recording(tiny_model("llama"), stages)
+    assert {r.target for n, r in report.modules.items() if "self_attn" in n} == {0.3}
     assert {r.target for n, r in report.modules.items() if "mlp" in n} == {"2:4"}
+    assert [r.method for r in report.stages] == ["wanda", "sparsegpt"]
+    assert report.stages[0].target == 0.3 and report.stages[1].target == "2:4"
+    table = report.summary_table()
+    assert "0.3 on 8 matrices" in table and "2:4 on 6 matrices" in table
+    sidecar = compress_sidecar(report, {"id": "tiny"})
+    assert describe(sidecar) == "wanda 0.3 (self_attn) → sparsegpt 2:4 (mlp)"
+    assert [s["target"] for s in sidecar["stages"]] == [0.3, "2:4"]
+    assert sidecar["sparsity"]["pattern"] == "mixed"
+    assert sidecar["stages"][1]["zeros"]["before"] == sidecar["stages"][0]["zeros"]["after"] > 0
+
+    # Stage 2 saw the stage-1 model: the same Hessian as stage 2 run alone on a stage-1-only model,
+    # and not the one stage 2 sees on the dense model.
+    stage1_model, _ = llmprune.compress(tiny_model("llama"), None, {"stages": stages[:1]}, calib=calib_ids(),
+                                        device="cpu", progress=False)
+    _, _, after_stage1 = _compress_recording(stage1_model, stages[1:])
+    _, _, on_dense = _compress_recording(tiny_model("llama"), stages[1:])
+    assert torch.allclose(hessian, after_stage1, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hessian, on_dense, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("true_sequential", [False, True])

@@ -1,6 +1,6 @@
-"""Per-tensor delta rules: DARE drop rate and unbiasedness, magnitude, rescales, TIES, the q search,
-and the streaming safetensors writers. No models here (see test_delta_cli.py for end-to-end runs)."""
-import json
+"""Per-tensor delta rules: DARE drop rate and unbiasedness, magnitude, rescales, TIES, the q search.
+No models here (see test_delta_cli.py for end-to-end runs; the shard reader/writer are tested in
+test_checkpoint_io.py)."""
 import math
 
 import pytest
@@ -10,8 +10,7 @@ from llmprune.delta.darex import find_q, top_k_mse_sums
 from llmprune.delta.merge import merge_deltas
 from llmprune.delta.sparsify import (Rescale, dare_keep_mask, magnitude_keep_mask, parse_rescale, rescale_factor,
                                      sparsify, tensor_seed)
-from llmprune.delta.streaming import (AppendShardWriter, CheckpointReader, PlannedShardWriter, parse_size,
-                                      positive_zero)
+from llmprune.delta.streaming import positive_zero
 from llmprune.errors import UserError
 
 
@@ -87,17 +86,12 @@ def test_rescale_rules():
     assert rescale_factor(torch.zeros(10), torch.ones(10, dtype=torch.bool), Rescale("l1"), 0.5) == 1.0
 
 
-def test_parse_rescale_and_sizes():
+def test_parse_rescale():
     assert parse_rescale("q=0.2") == Rescale("q", 0.2)
     assert parse_rescale("AUTO").kind == "auto"
     for bad in ("q=0", "q=-1", "q=abc", "half"):
         with pytest.raises(UserError):
             parse_rescale(bad)
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("2MiB") == 2 * 2**20
-    assert parse_size(123) == 123
-    with pytest.raises(UserError):
-        parse_size("lots")
 
 
 def test_ties_sign_election_hand_made():
@@ -156,41 +150,5 @@ def test_top_k_mse():
     assert s == pytest.approx(1.0)
 
 
-def test_planned_and_append_writers_roundtrip(tmp_path):
-    torch.manual_seed(3)
-    tensors = {"a": torch.randn(10, 7), "b": torch.randn(300).to(torch.bfloat16), "c": torch.arange(5),
-               "d": torch.tensor(-0.0), "e": torch.randn(64, 64).half()}
-    plan = [(n, tuple(t.shape), {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64",
-                                  torch.float16: "F16"}[t.dtype]) for n, t in tensors.items()]
-    writer = PlannedShardWriter(tmp_path, plan, max_shard_bytes=1000)
-    for n, t in tensors.items():
-        writer.write(n, t)
-    files = writer.close()
-    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(tensors)
-    reader = CheckpointReader(tmp_path)
-    for n, t in tensors.items():
-        assert torch.equal(reader.get(n), t) and reader.get(n).dtype == t.dtype
-    with pytest.raises(RuntimeError):
-        PlannedShardWriter(tmp_path / "x", plan, 1000).write("b", tensors["b"])  # out of order
-
-    out = tmp_path / "append"
-    out.mkdir()
-    appender = AppendShardWriter(out, 2000, stem="delta")
-    for n, t in tensors.items():
-        appender.write(n, t)
-    names = appender.close()
-    assert len(names) > 1 and not list(out.glob("*.tmp"))
-    reader = CheckpointReader(out, stem="delta")
-    for n, t in tensors.items():
-        assert torch.equal(reader.get(n), t)
+def test_positive_zero():
     assert positive_zero(torch.tensor([-0.0])).view(torch.int32).item() == 0
-
-
-def test_reader_errors(tmp_path):
-    with pytest.raises(UserError, match="no model.safetensors"):
-        CheckpointReader(tmp_path)
-    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(UserError, match="safetensors only"):
-        CheckpointReader(tmp_path)

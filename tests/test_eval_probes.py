@@ -75,7 +75,7 @@ class _EchoLM:
         self.answer = answer
         self.seen = []
 
-    def generate_until(self, requests):
+    def generate_until(self, requests, disable_tqdm=False):
         self.seen += requests
         return [self.answer(r.arguments[0], r.doc["target"]) for r in requests]
 

@@ -115,3 +115,19 @@ def test_report_needs_a_dense_run(tmp_path):
     (tmp_path / "o").mkdir()
     with pytest.raises(UserError, match="no dense run"):
         report.build_report([str(tmp_path / "p50")], tmp_path / "o", plots=False)
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("1:4", 0.25), ("2:4", 0.5), ("3:8", 0.375), ("6:8", 0.75)])
+def test_nm_runs_are_plotted_at_n_zeros_per_m(tmp_path, pattern, sparsity):
+    """N:M means N zeros in every M weights (the pruner's meaning): 1:4 is 25% sparse, not 75%."""
+    assert report.run_sparsity({"sparsity": {"target": pattern, "achieved": sparsity}}) == sparsity
+    _write_run(tmp_path / "dense", "dense", 0.0, {"a": 0.8}, {})
+    _write_run(tmp_path / "nm", "wanda", sparsity, {"a": 0.6}, {})
+    res = json.loads((tmp_path / "nm" / "results.json").read_text())
+    res["sparsity"].update(target=pattern, pattern=pattern)
+    (tmp_path / "nm" / "results.json").write_text(json.dumps(res))
+    (tmp_path / "o").mkdir()
+    data = report.build_report([str(tmp_path / "dense"), str(tmp_path / "nm")], tmp_path / "o", iters=0, plots=False)
+    pruned = [r for r in data["rows"] if r["method"] != "dense"]
+    assert pruned and {r["sparsity"] for r in pruned} == {sparsity}
+    assert {r["method"] for r in pruned} == {f"wanda {pattern}"}

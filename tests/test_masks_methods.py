@@ -65,6 +65,18 @@ def test_each_method_hits_exact_sparsity_and_valid_nm(method, spec):
         assert torch.equal(out[kept], weight[kept])
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("n,m", [(1, 4), (3, 8), (5, 8)])
+def test_nm_with_n_not_half_of_m_has_exactly_n_zeros_per_group(method, n, m):
+    """N:M = N zeros in every group of M consecutive inputs of a row (not N kept): N != M/2 tells them apart."""
+    torch.manual_seed(2)
+    weight = torch.randn(16, 64)
+    x = torch.randn(300, 64) * torch.rand(64)
+    out = METHODS[method].fn(weight.clone(), _stats(x), parse_pattern(f"{n}:{m}"))
+    zeros_per_group = (out == 0).reshape(16, 64 // m, m).sum(-1)           # [rows, groups]
+    assert torch.equal(zeros_per_group, torch.full_like(zeros_per_group, n))
+
+
 def test_wanda_uses_input_norms():
     """A column with huge activations must survive even if its weights are small."""
     weight = torch.ones(4, 8)

@@ -5,14 +5,14 @@ all batches for each group [q,k,v] -> [o] -> [gate,up] -> [down], prunes the gro
 runs the layer once more to propagate. The engine gets the same result from one pass in which every
 batch waits at each linear until all batches have contributed to its statistics.
 """
-import threading
+import gc
 
+import greenlet
 import pytest
 import torch
 
 import llmprune
-from llmprune.api import _prune_module
-from llmprune.arch import decoder_layers, layer_linears, prunable_linears, spec_for, weight_2d
+from llmprune.arch import decoder_layers, layer_linears, prunable_linears, set_weight_2d, spec_for, weight_2d
 from llmprune.calibration.engine import capture_layer_inputs, run_layer
 from llmprune.calibration import observers
 from llmprune.calibration.observers import LayerObserver
@@ -30,7 +30,6 @@ LLAMA_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["
 def reference_true_sequential(model, ids, method_name, sparsity, batch_size=4):
     """Group by group, one full forward of the layer per group, then one more to propagate."""
     method, pattern = get_method(method_name), parse_pattern(sparsity)
-    report = llmprune.api.CompressReport(recipe=llmprune.recipe.load_recipe("wanda-50"))
     captured = capture_layer_inputs(model, ids, batch_size)
     for i, layer in enumerate(decoder_layers(model)):
         prefix = f"{spec_for(model).layers}.{i}"
@@ -45,7 +44,7 @@ def reference_true_sequential(model, ids, method_name, sparsity, batch_size=4):
                     obs.end_batch(b)
             obs.seal_all()
             for name, module in members.items():
-                _prune_module(name, module, obs.stats[name], pattern, method, {}, "cpu", report)
+                set_weight_2d(module, method.fn(weight_2d(module).float().clone(), obs.stats[name], pattern))
         for b, hidden in enumerate(captured.hidden):
             captured.hidden[b] = run_layer(layer, hidden, captured.calls[b][i], "cpu")
     return model
@@ -87,7 +86,8 @@ def test_every_family_true_sequential_prunes_exactly_and_generates(arch):
 
 
 def test_lockstep_error_in_a_batch_surfaces_and_leaves_nothing_behind(monkeypatch):
-    """A method failing inside a waiting batch's forward reaches the caller; no hook or thread is left."""
+    """A method failing inside a waiting batch's forward reaches the caller; no batch greenlet is left
+    suspended (holding its frame and activations) and no hook is left on any module."""
     from llmprune.methods.wanda import wanda as original
 
     calls = {"n": 0}
@@ -101,23 +101,37 @@ def test_lockstep_error_in_a_batch_surfaces_and_leaves_nothing_behind(monkeypatc
     spec = llmprune.methods.METHODS["wanda"]
     monkeypatch.setitem(llmprune.methods.METHODS, "wanda", type(spec)(name=spec.name, fn=failing, needs=spec.needs,
                                                                         params=spec.params, summary=spec.summary))
-    threads = threading.active_count()
+    created = []    # every batch greenlet the engine makes, kept alive here so a suspended one stays visible
+    real_greenlet = greenlet.greenlet
+
+    class Recorded(real_greenlet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(greenlet, "greenlet", Recorded)
     model = tiny_model("llama")
     with pytest.raises(UserError, match="boom"):
-        llmprune.compress(model, None, {"stages": [{"method": "wanda", "sparsity": 0.5, "true_sequential": True}]},
+        llmprune.compress(model, None, {"stages": [{"method": "wanda", "sparsity": 0.5, "true_sequential": True}],
+                                        "calibration": {"batch_size": 2}},
                           calib=calib_ids(8, 16), device="cpu", progress=False)
-    assert threading.active_count() == threads
-    assert not any(m._forward_pre_hooks for m in prunable_linears(model).values())
+    assert len(created) == 4 and any(g.dead for g in created)       # the lockstep really ran batches
+    assert not [g for g in created if g]                              # none started and left waiting
+    gc.collect()
+    # nor any other greenlet still active (type(), not isinstance: no attribute lookups on lazy torch objects)
+    assert not [g for g in gc.get_objects() if issubclass(type(g), real_greenlet) and g and g.parent is not None]
+    for name, module in model.named_modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks, name
 
 
 def test_default_schedule_falls_back_to_two_passes_when_memory_is_short(monkeypatch):
-    from llmprune import api
+    from llmprune.calibration import engine
 
     run = lambda: llmprune.compress(tiny_model("llama"), None, {"stages": [{"method": "sparsegpt", "sparsity": 0.5}]},
                                     calib=calib_ids(8, 16), device="cpu", progress=False)[1]
     report = run()
     assert report.recipe.stages[0].true_sequential is True and not report.notes
-    monkeypatch.setattr(api, "free_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(engine, "free_memory_bytes", lambda device: 1000)
     report = run()
     assert report.recipe.stages[0].true_sequential is False
     assert any("two-pass calibration" in note for note in report.notes)

@@ -1,4 +1,9 @@
-"""`SparseLinear24` (an nn.Linear stored packed) and `sparsify_model` (swap the 2:4 linears)."""
+"""`SparseLinear24` (an nn.Linear stored packed) and `sparsify_model` (swap the 2:4 linears).
+
+A packable linear is an `nn.Linear` or GPT-2's `Conv1D` (the same function with its weight stored
+transposed, [in, out]); both are packed from their `[out_features, in_features]` view, so the 2:4
+groups always run along in_features and SparseLinear24 computes exactly what the module did.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,11 +38,13 @@ class SparseLinear24(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, keep_mask: torch.Tensor | None = None) -> "SparseLinear24":
-        """Pack a dense-with-zeros linear (raises Not24Error if its weight is not 2:4 along in_features)."""
-        weight = linear.weight.detach()
+    def from_linear(cls, linear: nn.Module, keep_mask: torch.Tensor | None = None) -> "SparseLinear24":
+        """Pack a dense-with-zeros nn.Linear or Conv1D (raises Not24Error if its [out, in] weight is
+        not 2:4 along in_features). keep_mask: optional bool [out, in]."""
+        weight = weight_oi(linear).detach()
+        out_features, in_features = weight.shape
         values, bitmask = pack_24(weight, keep_mask)
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        module = cls(in_features, out_features, bias=linear.bias is not None,
                      device=weight.device, dtype=weight.dtype)
         module.values = values
         module.bitmask = bitmask
@@ -105,32 +112,56 @@ class SparsifyReport:
                 f"({ratio:.2%})")
 
 
+def is_packable_type(module: nn.Module) -> bool:
+    """nn.Linear or GPT-2's Conv1D, by exact type (subclasses may carry extra state)."""
+    return type(module) is nn.Linear or type(module).__name__ == "Conv1D"
+
+
+def weight_oi(module: nn.Module) -> torch.Tensor:
+    """The weight of an nn.Linear / Conv1D as [out_features, in_features] (a view)."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.t()  # Conv1D stores [in, out]: y = x @ W + b
+    return module.weight
+
+
+def skip_reason(name: str, module: nn.Module, out_emb: nn.Module | None, skip: tuple[str, ...] = DEFAULT_SKIP,
+                check_values: bool = True) -> str | None:
+    """Why a packable-type module stays dense (None: it can be packed). With check_values=False
+    only what is known from shapes is checked (works on a meta-device model)."""
+    if name.split(".")[-1] in skip or module is out_emb:
+        return "output head"
+    in_features = weight_oi(module).shape[1]
+    if in_features % 8 != 0:
+        return "in_features not a multiple of 8"
+    if not check_values:
+        return None
+    if module.weight.is_meta:
+        return "weight not materialised"
+    if not is_24(weight_oi(module).detach()):
+        return "not 2:4"
+    return None
+
+
 def candidate_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP):
-    """Yield (name, linear, reason_to_skip_or_None) for every nn.Linear of the model."""
+    """Yield (name, linear, reason_to_skip_or_None) for every nn.Linear / Conv1D of the model."""
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     seen_weights: dict[int, str] = {}
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:  # exact type: subclasses may carry extra state
+        if not is_packable_type(module):
             continue
-        reason = None
         ptr = module.weight.data_ptr()
-        if name.split(".")[-1] in skip or module is out_emb:
-            reason = "output head"
-        elif module.weight.is_meta:
-            reason = "weight not materialised"
-        elif ptr in seen_weights:
+        reason = skip_reason(name, module, out_emb, skip, check_values=False)
+        if reason is None and ptr in seen_weights and not module.weight.is_meta:
             reason = f"weight shared with {seen_weights[ptr]}"
-        elif module.in_features % 8 != 0:
-            reason = "in_features not a multiple of 8"
-        elif not is_24(module.weight.detach()):
-            reason = "not 2:4"
+        if reason is None:
+            reason = skip_reason(name, module, out_emb, skip)
         seen_weights.setdefault(ptr, name)
         yield name, module, reason
 
 
 def sparsify_model(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP,
                    cusparselt_prefill: bool = False) -> SparsifyReport:
-    """Replace (in place) every nn.Linear whose weight is 2:4 along in_features by a
+    """Replace (in place) every nn.Linear / Conv1D whose weight is 2:4 along in_features by a
     SparseLinear24; `lm_head`/the output embedding stays dense. Returns what was swapped.
     cusparselt_prefill: also keep a cuSPARSELt copy for prefill (see SparseLinear24)."""
     report = SparsifyReport()

@@ -30,9 +30,19 @@ def describe_source(spec: str) -> str:
     return spec if spec in NAMED_SOURCES else str(Path(spec).expanduser().resolve())
 
 
-def check_source(spec: str) -> None:
-    """Validate a spec without reading it (so a bad path fails before a model is loaded)."""
+def check_source(spec: str, flag: str = "--calib-data", check_hub: bool = True) -> None:
+    """Validate a spec without reading it (so a bad path fails before a model is loaded). For a Hub
+    source with the Hub unreachable (`check_hub`), switch to the cache now (no minutes of retries
+    later) and refuse a source that is certainly not cached."""
     if spec in NAMED_SOURCES:
+        if spec != "stdlib" and check_hub:
+            from llmprune.io.network import dataset_maybe_cached, hub_or_cache, why_offline
+
+            if not hub_or_cache() and not dataset_maybe_cached(HUB_REPOS[spec]):
+                export = (" or export it on a connected machine with `llmprune eval --export-data DIR --suite lm` "
+                          "and pass --data-dir DIR" if flag == "--ppl-data" else "")
+                raise UserError(f"{flag} {spec} is not in the datasets cache and {why_offline()}; use {flag} stdlib "
+                                f"or a local .txt/.jsonl/.parquet FILE{export}")
         return
     path = Path(spec).expanduser()
     if not path.exists():
@@ -41,9 +51,12 @@ def check_source(spec: str) -> None:
         raise UserError(f"calibration data {spec} must be a .txt, .jsonl or .parquet file (or c4, wikitext2, stdlib)")
 
 
+HUB_REPOS = {"c4": "allenai/c4", "wikitext2": "Salesforce/wikitext"}
+
+
 def load_texts(spec: str, split: str = "train") -> list[str]:
     """Documents of a source, in a deterministic order. `split` is train|test (validation for c4)."""
-    check_source(spec)
+    check_source(spec, check_hub=False)       # the load itself decides (and says why it failed)
     if spec == "c4":
         return _hub_texts("allenai/c4", None, split,
                           {"train": "en/c4-train.00000-of-01024.json.gz",
@@ -64,16 +77,35 @@ def _hub_texts(repo: str, name: str | None, split: str, data_files: dict | None)
         else:
             ds = datasets.load_dataset(repo, name, split=split)
     except Exception as exc:  # network / cache problems surface as many exception types
-        raise UserError(f"could not load {repo} ({type(exc).__name__}); offline? use --calib-data stdlib or a local "
+        from llmprune.io.network import hub_reachable, why_offline
+
+        if not hub_reachable():
+            raise UserError(f"{repo} is not in the datasets cache and {why_offline()}; use --calib-data stdlib or a "
+                            "local .txt/.jsonl/.parquet FILE (for eval: export it on a connected machine with "
+                            "`llmprune eval --export-data DIR` and pass --data-dir DIR)") from None
+        raise UserError(f"could not load {repo} ({type(exc).__name__}); use --calib-data stdlib or a local "
                         ".txt/.jsonl/.parquet file") from None
     return [t for t in ds["text"]]
+
+
+def check_is_text(path: Path, text: str) -> None:
+    """Refuse binary or mis-encoded files: random bytes make token windows that calibrate nothing."""
+    sample = text[:200_000]
+    if not sample:
+        return
+    bad = sum(1 for c in sample if c == "\ufffd" or (c < " " and c not in "\n\r\t\f\v"))
+    if bad / len(sample) > 0.01:
+        raise UserError(f"{path} does not look like text ({bad / len(sample):.0%} of its characters are not valid "
+                        f"UTF-8 or are control bytes); give a UTF-8 text file")
 
 
 def read_local_texts(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            return [path.read_text(encoding="utf-8", errors="replace")]
+            text = path.read_text(encoding="utf-8", errors="replace")
+            check_is_text(path, text)
+            return [text]
         if suffix == ".jsonl":
             texts = []
             with path.open(encoding="utf-8") as fh:

@@ -20,7 +20,7 @@ import greenlet
 import torch
 from torch import nn
 
-from llmprune.arch import decoder_layers
+from llmprune.arch import decoder_layers, layer_linears, weight_2d
 from llmprune.calibration.observers import LayerObserver, StopForward
 from llmprune.errors import UserError
 from llmprune.methods import LinearStats
@@ -263,3 +263,37 @@ def layerwise(model: nn.Module, captured: CapturedInputs, device: str, layer_pre
         if progress is not None:
             progress.update(1)
     return seconds
+
+
+def default_true_sequential(model: nn.Module, method_default: bool, calib_ids: torch.Tensor | None,
+                            device: str) -> tuple[bool, str | None]:
+    """The method's default schedule, unless true-sequential would not fit: it keeps every calibration
+    batch's activations of one layer alive at once, so fall back to two passes if that estimate
+    exceeds half of the free memory of the compute device. Returns (true_sequential, note)."""
+    if not method_default or calib_ids is None:
+        return False, None
+    layer = decoder_layers(model)[0]
+    hidden = model.get_input_embeddings().weight.shape[1]
+    per_token = 2 * hidden + sum(weight_2d(m).shape[0] for m in layer_linears(layer, "").values())
+    itemsize = next(layer.parameters()).element_size()
+    need = calib_ids.numel() * per_token * itemsize
+    free = free_memory_bytes(device)
+    if free is None or need <= free / 2:
+        return True, None
+    return False, (f"two-pass calibration: true-sequential would hold ~{need / 2**30:.1f} GiB of activations per "
+                   f"layer and {device} has {free / 2**30:.1f} GiB free (force it with true_sequential: true / "
+                   f"--true-sequential, or use fewer calibration tokens)")
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """Free memory of the compute device: CUDA free memory, or the host's MemAvailable."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

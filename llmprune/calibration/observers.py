@@ -41,7 +41,7 @@ def mirror_upper(hessian: torch.Tensor) -> None:
 class LayerObserver:
     """Statistics of the inputs of `linears` ({name: module}) over calibration batches.
 
-    `needs` is a subset of {"input_sq_norm", "hessian"}; nothing else is computed. Batches are
+    `needs` is a subset of {"input_sq_norm", "input_sum", "hessian"}; nothing else is computed. Batches are
     told apart by `start_batch(b)` (input sharing is detected within one batch's forward), so
     batches may also be interleaved, as in the engine's true-sequential lockstep.
     """
@@ -85,6 +85,9 @@ class LayerObserver:
         if "input_sq_norm" in self.needs:
             sq = (x2 * x2).sum(0)                                    # [in]
             stats.input_sq_norm = sq if stats.input_sq_norm is None else stats.input_sq_norm.add_(sq)
+        if "input_sum" in self.needs:
+            total = x2.sum(0)                                        # [in]
+            stats.input_sum = total if stats.input_sum is None else stats.input_sum.add_(total)
         if "hessian" in self.needs:
             if stats.hessian is None:
                 stats.hessian = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)

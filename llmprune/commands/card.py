@@ -22,12 +22,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from llmprune.errors import UserError
-    from llmprune.io.card import CARD_NAME, is_generated_card, render_card, write_card
+    from llmprune.io.card import CARD_NAME, is_generated_card, write_card
+    from llmprune.io.errors import render_card_checked
     from llmprune.io.hub import check_repo_id
 
     repo_id = check_repo_id(args.repo_id) if args.repo_id else None
     directory = Path(args.directory).expanduser()
-    text = render_card(directory, repo_id=repo_id)
+    text = render_card_checked(directory, repo_id=repo_id)
     if args.stdout:
         print(text, end="")
         return 0

@@ -2,25 +2,43 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from llmprune.commands import add_model_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compress", help="prune a model (magnitude, Wanda, SparseGPT; uniform or OWL)",
-                       description="Prune MODEL (a Hub id, a local save_pretrained dir, or llmprune-tiny) "
+    p = sub.add_parser("compress", help="prune a model: zeros (magnitude, Wanda, SparseGPT) or a smaller model "
+                                        "(width, layer-drop)",
+                       description="Compress MODEL (a Hub id, a local save_pretrained dir, or llmprune-tiny) "
                                    "layer by layer and write a loadable checkpoint to --output.")
     p.add_argument("model", help="Hub id, local directory, or the embedded 'llmprune-tiny'")
-    p.add_argument("--method", help="magnitude | wanda | sparsegpt (or use --recipe)")
+    p.add_argument("--method", help="magnitude | wanda | sparsegpt (zeros), width | layer-drop (smaller model); "
+                                    "or use --recipe")
     p.add_argument("--sparsity", help="fraction like 0.5 (unstructured) or N:M like 2:4 (N zeros per M inputs)")
     p.add_argument("--recipe", help="a named recipe (see `llmprune recipes`) or a YAML file")
     p.add_argument("--allocation", choices=("uniform", "owl", "global"), default=None,
                    help="how sparsity is spread over layers: uniform (default), owl (outlier-weighted), "
                         "global (magnitude only: one |W| ranking across matrices)")
     p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
-    p.add_argument("--owl-lambda", type=float, default=None, help="OWL max deviation λ from the target (default 0.08)")
+    p.add_argument("--owl-lambda", type=float, default=None, help="OWL λ: layer sparsities span a 2λ-wide window, S+mean(r)−2λ .. S+mean(r) (default 0.08)")
     p.add_argument("--min-density", type=float, default=None, help="global allocation: per-matrix minimum density")
+    width = p.add_argument_group("width (--method width)")
+    width.add_argument("--mlp-keep", type=float, default=None, help="fraction of MLP neurons kept in every layer")
+    width.add_argument("--heads-keep", type=float, default=None,
+                       help="fraction of attention heads kept (whole KV groups with their query heads under GQA)")
+    width.add_argument("--round-to", type=int, default=None, help="kept MLP width is a multiple of this (default 8)")
+    width.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                       help="re-fit o_proj/down_proj on the kept channels by least squares (default on)")
+    depth = p.add_argument_group("depth (--method layer-drop)")
+    depth.add_argument("--num-layers", type=int, default=None, help="decoder layers to remove")
+    depth.add_argument("--layer-fraction", type=float, default=None, help="fraction of decoder layers to remove")
+    depth.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=None,
+                       help="never remove layer 0 (default on)")
+    p.add_argument("--criterion", default=None,
+                   help="width: activation | magnitude | maw | random (default activation); "
+                        "layer-drop: bi | angular | ppl (default bi)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
     p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
@@ -29,43 +47,70 @@ def register(sub) -> None:
                    help="prune the linears of each layer one after another, each calibrated on the already-pruned "
                         "ones' outputs, in one forward pass per layer (SparseGPT's --true-sequential: faster, but "
                         "holds a layer's activations for all calibration tokens at once). Default: on for "
-                        "sparsegpt when that fits in half the free memory, off for wanda (the reference schedule)")
+                        "sparsegpt and width when that fits in half the free memory, off for wanda")
     p.add_argument("--targets", default=None, help="regex of module names to prune (default: all decoder linears)")
     p.add_argument("--ignore", default=None, help="regex of module names to leave dense")
     add_model_args(p)
     p.add_argument("--save-format", choices=("dense", "sparse24"), default="dense",
                    help="dense: plain HF safetensors with zeros (default); sparse24: packed 2:4 (load with "
                         "llmprune.load_pretrained)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors shard written, e.g. 5GB, 5G, 500MiB (default: 5GB)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the output to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
     p.set_defaults(func=run)
 
 
+# CLI flag -> stage key, for the flags that set stage parameters.
+STAGE_FLAGS = {"allocation": "allocation", "owl_m": "owl_m", "owl_lambda": "owl_lambda", "min_density": "min_density",
+               "targets": "targets", "ignore": "ignore", "true_sequential": "true_sequential",
+               "mlp_keep": "mlp_keep", "heads_keep": "heads_keep", "round_to": "round_to",
+               "reconstruct": "reconstruct", "num_layers": "num_layers", "layer_fraction": "layer_fraction",
+               "keep_first": "keep_first", "criterion": "criterion"}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def build_recipe(args: argparse.Namespace):
     from llmprune.errors import UserError
-    from llmprune.recipe import CALIB_KEYS, Recipe, load_recipe
+    from llmprune.recipe import Recipe, load_recipe
+    from llmprune.stages import kind_for, stage_params
 
     calib = {"data": args.calib_data, "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed}
-    stage_flags = {"allocation": args.allocation, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda,
-                   "min_density": args.min_density, "targets": args.targets, "ignore": args.ignore,
-                   "true_sequential": args.true_sequential}
+    flags = {key: getattr(args, attr) for attr, key in STAGE_FLAGS.items() if getattr(args, attr) is not None}
     if args.recipe:
         if args.method or args.sparsity:
             raise UserError("give either --recipe or --method/--sparsity, not both")
         recipe = load_recipe(args.recipe)
         data = recipe.to_dict()
         data["calibration"].update({k: v for k, v in calib.items() if v is not None})
-        for stage in data["stages"]:
-            stage.update({k: v for k, v in stage_flags.items() if v is not None})
+        for key, value in flags.items():     # a flag sets its key on every stage that has it
+            takers = [s for s in data["stages"] if key in stage_params(s["method"])]
+            if not takers:
+                raise UserError(f"{_flag(key)} applies to no stage of recipe {recipe.name}")
+            for stage in takers:
+                stage[key] = value
         rebuilt = Recipe.from_dict(data, where=f"recipe {recipe.name}")
         rebuilt.name = recipe.name
         return rebuilt
-    if not args.method or not args.sparsity:
-        raise UserError("give --method and --sparsity (e.g. --method wanda --sparsity 0.5), or --recipe NAME")
-    assert set(calib) <= set(CALIB_KEYS)
-    return Recipe.from_cli(args.method, args.sparsity, allocation=args.allocation or "uniform",
-                           **{k: v for k, v in stage_flags.items() if k != "allocation"}, **calib)
+    if not args.method:
+        raise UserError("give --method (e.g. --method wanda --sparsity 0.5, --method width --mlp-keep 0.75) "
+                        "or --recipe NAME")
+    kind = kind_for(args.method)
+    if kind.name == "prune" and not args.sparsity:
+        raise UserError(f"--method {args.method} needs --sparsity (e.g. 0.5 or 2:4)")
+    if kind.name != "prune" and args.sparsity:
+        raise UserError(f"--sparsity is for pruning methods; --method {args.method} takes "
+                        f"{', '.join(_flag(k) for k in stage_params(args.method))}")
+    accepted = stage_params(args.method)
+    for key in flags:
+        if key not in accepted:
+            raise UserError(f"{_flag(key)} does not apply to --method {args.method} "
+                            f"(it takes {', '.join(_flag(k) for k in accepted)})")
+    return Recipe.from_cli(args.method, args.sparsity, **flags, **calib)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,39 +120,59 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before the model is loaded.
     recipe = build_recipe(args)
-    check_output_dir(args.output, args.overwrite)
-    check_source(recipe.calibration.data)
+    from llmprune.io.checkpoint import parse_size
+    from llmprune.io.load import model_input_path, resolve_model_path
+
+    inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data]   # --overwrite never deletes them
+    check_output_dir(args.output, args.overwrite, inputs=inputs)
+    max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
+    resolve_model_path(args.model, args.revision)      # a mistyped MODEL is reported before the data
+    needs_calib = recipe.needs_calibration()
+    if needs_calib:
+        check_source(recipe.calibration.data, check_hub=False)   # a bad path now; Hub sources below
     if args.push_to_hub:
-        from llmprune.io.hub import check_repo_id
+        from llmprune.io.hub import check_push_ready, check_repo_id
 
         check_repo_id(args.push_to_hub)
-    if args.save_format == "sparse24" and any(not s.pattern.is_nm or (s.pattern.n, s.pattern.m) != (2, 4)
-                                              for s in recipe.stages[-1:]):
-        raise UserError("--save-format sparse24 needs --sparsity 2:4")
+        check_push_ready()
+    prune_stages = [s for s in recipe.stages if s.pattern is not None]
+    if args.save_format == "sparse24" and (not prune_stages or str(prune_stages[-1].pattern) != "2:4"):
+        raise UserError("--save-format sparse24 needs a last pruning stage with sparsity 2:4")
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from llmprune.api import calibration_set, check_recipe, compress
     from llmprune.arch import spec_for
-    from llmprune.io.load import is_local_model, load_config, load_model, load_tokenizer, model_revision, \
-        resolve_device, resolve_model_path, torch_dtype
-    from llmprune.methods import get_method
+    from llmprune.io.load import load_config, load_model, load_tokenizer, model_revision, resolve_device, torch_dtype
+    from llmprune.io.sidecar import base_model_entry, compress_sidecar, write_sidecar
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    torch_dtype(args.dtype)
-    device = resolve_device(args.device)
+    torch_dtype(args.dtype, "--dtype")
+    device = resolve_device(args.device, "--device")
     t0 = time.perf_counter()
     config = load_config(args.model, args.trust_remote_code, args.revision)
     spec_for(config)                                   # unsupported family: fail before loading weights
-    with torch.device("meta"):                         # check targets / N:M shapes without any weights
-        check_recipe(AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code), recipe)
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision)
+    with torch.device("meta"):                         # check targets / shapes / counts without any weights
+        meta_model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        check_recipe(meta_model, recipe)
+        if args.save_format == "sparse24":             # the packed save must not fail after the work
+            from llmprune.kernels import check_sparse24_possible
+
+            check_sparse24_possible(meta_model, recipe)
+    del meta_model
+    if needs_calib:
+        check_source(recipe.calibration.data)              # c4 / wikitext2 with the Hub unreachable: say so now
+    # Only calibration needs a tokenizer; without one (magnitude) a folder lacking tokenizer files is fine.
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision, required=needs_calib)
+    if tokenizer is None:
+        print(f"llmprune: note: {args.model} has no tokenizer files; the output will have none either",
+              file=sys.stderr)
     calib = None
-    if any(get_method(s.method).needs or s.allocation == "owl" for s in recipe.stages):
+    if needs_calib:
         calib = calibration_set(config, tokenizer, recipe)   # too little text fails here, before the weights
     # CPUs without native bf16 (no AVX512-BF16/AMX) run half-precision matmuls very slowly: with
     # --dtype auto on such a CPU, work in float32 and write the checkpoint back in its own dtype.
@@ -121,23 +186,17 @@ def run(args: argparse.Namespace) -> int:
     if save_dtype is not None:
         model.to(save_dtype)
 
-    sidecar = {
-        "kind": "compress",
-        "base_model": {"id": args.model, "revision": model_revision(model) or args.revision,
-                       "model_type": model.config.model_type, "path": resolve_model_path(args.model),
-                       "local": is_local_model(args.model)},
-        **report.sidecar(),
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "save_format": args.save_format,
-    }
-    with output_dir(args.output, args.overwrite) as tmp:
-        packed = write_checkpoint(model, tokenizer, tmp, args.save_format)
+    base = base_model_entry(args.model, revision=model_revision(model) or args.revision,
+                            model_type=model.config.model_type)
+    sidecar = compress_sidecar(report, base, dtype=str(model.dtype).replace("torch.", ""),
+                               save_format=args.save_format)
+    with output_dir(args.output, args.overwrite, inputs=inputs,
+                    expected_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values())) as tmp:
+        packed = write_checkpoint(model, tokenizer, tmp, args.save_format, max_shard_size)
         if packed is not None:
             sidecar["pack"] = packed
         (tmp / "recipe.yaml").write_text(report.recipe.to_yaml())   # as run: defaults resolved
         sidecar["wall_time_s"] = round(time.perf_counter() - t0, 3)
-        from llmprune.io.save import write_sidecar
-
         write_sidecar(tmp, sidecar)
     print(report.summary_table())
     print(f"wrote {args.output}")
@@ -161,13 +220,13 @@ def _cpu_has_fast_bf16() -> bool:
         return False
 
 
-def write_checkpoint(model, tokenizer, directory, save_format: str) -> dict | None:
+def write_checkpoint(model, tokenizer, directory, save_format: str, max_shard_size: str | int = "5GB") -> dict | None:
     """Dense HF checkpoint, or packed 2:4 (returns the sidecar's `pack` section)."""
     if save_format == "sparse24":
         from llmprune.kernels import save_sparse24
 
-        return save_sparse24(model, tokenizer, directory)
+        return save_sparse24(model, tokenizer, directory, max_shard_size=max_shard_size)
     from llmprune.io.save import save_model
 
-    save_model(model, tokenizer, directory)
+    save_model(model, tokenizer, directory, max_shard_size=max_shard_size)
     return None

@@ -32,7 +32,14 @@ machine). Only --rescale auto loads whole models: the fine-tune in float32 plus 
 and dropped deltas of the pruned tensors (about 3x the float32 model size).
 
 `llmprune delta apply BASE DELTA_DIR --output DIR` rebuilds the model bit-exactly from the base
-and the sparse delta written by --save-delta (DIR/sparse_delta).
+and the sparse delta written by --save-delta (DIR/sparse_delta); see `llmprune delta apply --help`.
+"""
+
+APPLY_DESCRIPTION = """\
+Rebuild a model bit-exactly from BASE and a sparse delta written by `llmprune delta ... --save-delta`.
+DELTA_DIR is that run's output directory (its `sparse_delta` folder is found) or the `sparse_delta`
+folder itself. Every patched tensor of BASE is checked against the hash stored in the delta, so a
+different base is refused.
 """
 
 
@@ -69,8 +76,40 @@ def register(subparsers) -> None:
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="output shard size (default: 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (auto search only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_quiet_args(p)
     p.set_defaults(func=run)
+
+
+def add_quiet_args(p) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # the old spelling
+
+
+def build_apply_parser(parser_class, prog: str) -> argparse.ArgumentParser:
+    p = parser_class(prog=prog, description=APPLY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", metavar="BASE", help="the base model the delta was made from (local dir or Hub id)")
+    p.add_argument("delta_dir", metavar="DELTA_DIR",
+                   help="output directory of `llmprune delta --save-delta`, or its sparse_delta folder")
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    add_quiet_args(p)
+    p.set_defaults(func=run_apply)
+    return p
+
+
+SUBCOMMANDS = {"apply": build_apply_parser}
+
+
+def run_apply(args) -> int:
+    from llmprune.delta import apply_delta_dir
+    from llmprune.io.save import check_output_dir
+
+    check_output_dir(args.output, args.overwrite, inputs=[args.base, args.delta_dir])
+    result = apply_delta_dir(args.base, args.delta_dir, args.output, overwrite=args.overwrite,
+                             progress=not args.quiet)
+    print(f"\nrebuilt {result['tensors']} tensors from {args.base} + {args.delta_dir} -> {args.output} "
+          f"({len(result['files'])} shard(s), {result['wall_time_s']:.1f}s)")
+    return 0
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -84,34 +123,16 @@ def _weights(text: str | None) -> list[float] | None:
         raise UserError(f"--weights {text!r} must be comma-separated numbers, e.g. 0.6,0.4") from None
 
 
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(nbytes) < 1000 or unit == "TB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1000
-    return str(nbytes)
-
-
 def run(args) -> int:
     from llmprune.errors import UserError
     from llmprune.io.save import check_output_dir
 
     models = list(args.models)
     if models[0] == "apply":
-        if len(models) != 3:
-            raise UserError("usage: llmprune delta apply BASE DELTA_DIR --output DIR")
-        check_output_dir(args.output, args.overwrite)
-        from llmprune.delta import apply_delta_dir
-
-        result = apply_delta_dir(models[1], models[2], args.output, overwrite=args.overwrite,
-                                 progress=not args.no_progress)
-        print(f"\nrebuilt {result['tensors']} tensors from {models[1]} + {models[2]} -> {args.output} "
-              f"({len(result['files'])} shard(s), {result['wall_time_s']:.1f}s)")
-        return 0
-
+        raise UserError("write `apply` right after `delta`: llmprune delta apply BASE DELTA_DIR --output DIR")
     if len(models) < 2:
         raise UserError("give BASE and at least one FINETUNED model (or `apply BASE DELTA_DIR`)")
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, inputs=models)
     from llmprune.delta.sparsify import parse_rescale
 
     rescale = None if args.rescale is None else parse_rescale(args.rescale)  # bad values fail before any work
@@ -131,12 +152,14 @@ def run(args) -> int:
                           exclude=args.exclude, default_exclude=not args.no_default_exclude, calib=calib,
                           save_delta=args.save_delta, max_shard_size=args.max_shard_size,
                           overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                          progress=not args.no_progress)
+                          progress=not args.quiet)
     print_summary(summary, args.output)
     return 0
 
 
 def print_summary(summary: dict, output: str) -> None:
+    from llmprune.io.files import format_bytes
+
     for note in summary["notes"][:10]:
         print(f"note: {note}")
     rows = [("method", summary["method"]), ("drop rate", f"{summary['drop_rate']:g}"),
@@ -148,9 +171,9 @@ def print_summary(summary: dict, output: str) -> None:
              ("achieved delta density", "-" if density is None else f"{density:.4f}")]
     if "delta_bytes" in summary:
         ratio = summary["delta_bytes"] / max(1, summary["finetuned_bytes"])
-        rows.append(("sparse delta / fine-tune", f"{_human(summary['delta_bytes'])} / "
-                                                 f"{_human(summary['finetuned_bytes'])} ({ratio:.1%})"))
-    rows += [("wall time", f"{summary['wall_time_s']:.1f} s"), ("peak RSS", _human(summary["peak_rss_bytes"])),
+        rows.append(("sparse delta / fine-tune", f"{format_bytes(summary['delta_bytes'])} / "
+                                                 f"{format_bytes(summary['finetuned_bytes'])} ({ratio:.1%})"))
+    rows += [("wall time", f"{summary['wall_time_s']:.1f} s"), ("peak RSS", format_bytes(summary["peak_rss_bytes"])),
              ("output", f"{output} ({len(summary['output_files'])} shard(s))")]
     width = max(len(k) for k, _ in rows)
     print()

@@ -31,6 +31,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="directory of extra lm-eval task YAMLs (repeatable)")
     p.add_argument("--apply-chat-template", action="store_true", help="format prompts with the model's chat template")
     p.add_argument("--eval-seed", type=int, default=0, help="lm-eval seeds (few-shot sampling); default 0")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="N",
+                   help="lm-eval's --num_fewshot: few-shot examples for every lm-eval task, replacing the suites' "
+                        "own counts (tasks whose YAML fixes 0 shots stay zero-shot, as in lm-eval)")
+    p.add_argument("--gen-kwargs", default=None, metavar="K=V,...",
+                   help="lm-eval's --gen_kwargs for generation tasks, e.g. temperature=0,max_gen_toks=256")
+    p.add_argument("--model-args", default=None, metavar="K=V,...",
+                   help="lm-eval's --model_args for its HF model wrapper, e.g. add_bos_token=True "
+                        "(MODEL, --dtype, --device, --batch-size and --seqlen are set by their own flags)")
     add_model_args(p)
 
 
@@ -65,7 +73,7 @@ def parse_eval_args(args: argparse.Namespace):
     if args.ppl_data is not None:
         ppl = [] if args.ppl_data.strip().lower() == "none" else _csv(args.ppl_data)
         for p in ppl:
-            check_source(p)
+            check_source(p, "--ppl-data")
     suite_names = _csv(args.suite) if args.suite else ([] if (tasks or ppl) else _csv(DEFAULT_SUITES))
     suites = load_suites(suite_names)
     specs = select_specs(suites, tasks, ppl)
@@ -77,29 +85,68 @@ def parse_eval_args(args: argparse.Namespace):
         raise UserError(f"--batch-size must be auto or a positive integer (got {args.batch_size})")
     if args.seqlen is not None and args.seqlen < 16:
         raise UserError("--seqlen must be at least 16")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError("--num-fewshot must be 0 or more")
     if args.data_dir is not None:
         from pathlib import Path
 
         if not Path(args.data_dir).expanduser().is_dir():
             raise UserError(f"--data-dir {args.data_dir} does not exist; create it with "
                             f"`llmprune eval --export-data {args.data_dir} --suite ...` on a connected machine")
+    from llmprune.eval.harness import parse_gen_kwargs, parse_model_args
+
     settings = Settings(seqlen=args.seqlen or 2048, max_length=args.seqlen or 2048, batch_size=args.batch_size,
                         limit=limit, ppl_data=ppl, data_dir=args.data_dir, include_path=list(args.include_path),
                         seed=args.eval_seed, apply_chat_template=args.apply_chat_template,
-                        progress=not args.quiet)
+                        progress=not args.quiet, num_fewshot=args.num_fewshot,
+                        gen_kwargs=parse_gen_kwargs(args.gen_kwargs), model_args=parse_model_args(args.model_args))
     return suites, specs, settings
 
 
-def load_for_eval(args: argparse.Namespace, settings):
-    """Load model + tokenizer, place the model, and fix seqlen / max_length against the model."""
-    from llmprune.errors import UserError
-    from llmprune.io.load import load_model, load_tokenizer, resolve_device, resolve_model_path
+def check_model_and_hub_data(args: argparse.Namespace, specs) -> None:
+    """MODEL exists (locally, in the Hub cache or on a reachable Hub), then the data of the specs: with
+    the Hub unreachable, switch to the cache now, quietly (cached data still works; what is missing then
+    fails at once with one line, not after minutes of retries)."""
+    from llmprune.calibration.data import check_source
+    from llmprune.io.load import resolve_model_path
 
-    device = resolve_device(args.device)
-    path = resolve_model_path(args.model)
+    resolve_model_path(args.model, args.revision)
+    if args.data_dir:
+        return
+    for spec in specs:
+        if spec.kind == "perplexity":
+            check_source(spec.params["data"], "--ppl-data")
+    if any(s.kind == "lm_eval" for s in specs):
+        from llmprune.eval.harness import check_task_data_offline
+        from llmprune.io.network import hub_or_cache
+
+        if not hub_or_cache():
+            check_task_data_offline(specs, list(args.include_path))
+
+
+def load_for_eval(args: argparse.Namespace, settings, allow_packed: bool = False):
+    """Load model + tokenizer, place the model, and fix seqlen / max_length against the model.
+    allow_packed: load a packed 2:4 checkpoint with llmprune.load_pretrained (else it is refused)."""
+    from llmprune.errors import UserError
+    from llmprune.io.checkpoint import packed_checkpoint_info
+    from llmprune.io.load import load_model, load_tokenizer, resolve_device, resolve_model_path, torch_dtype
+
+    torch_dtype(args.dtype, "--dtype")
+    device = resolve_device(args.device, "--device")
+    path = resolve_model_path(args.model, args.revision)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
-    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, revision=args.revision)
-    model.to(device)
+    if settings.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{args.model} has no chat template (its tokenizer_config.json / chat_template.jinja define "
+                        "none), so --apply-chat-template cannot format prompts; drop the flag")
+    if allow_packed and packed_checkpoint_info(path) is not None:
+        from llmprune.kernels import load_pretrained
+
+        dtype = None if args.dtype == "auto" else torch_dtype(args.dtype)
+        model = load_pretrained(path, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                           revision=args.revision)
+        model.to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if args.seqlen is None and max_pos:
         settings.seqlen = settings.max_length = min(2048, int(max_pos))
@@ -110,21 +157,16 @@ def load_for_eval(args: argparse.Namespace, settings):
 
 
 def sidecar_sparsity(path: str) -> dict:
-    """target/method/pattern from an llmprune output's llmprune.json (empty when there is none)."""
-    import json
-    from pathlib import Path
+    """How an llmprune output was made (recipe label, target, pattern, parameters removed), from its
+    llmprune.json; empty for a model that is not an llmprune output, or whose sidecar is damaged (that
+    only costs the labels of the results)."""
+    from llmprune.errors import UserError
+    from llmprune.io.sidecar import eval_summary
 
-    side = Path(path) / "llmprune.json"
-    if not side.is_file():
-        return {}
     try:
-        data = json.loads(side.read_text())
-    except json.JSONDecodeError:
+        return eval_summary(path)
+    except UserError:
         return {}
-    sp = data.get("sparsity") or {}
-    stages = ((data.get("recipe") or {}).get("stages") or [{}])
-    return {"target": sp.get("target"), "pattern": sp.get("pattern"), "method": stages[-1].get("method"),
-            "source": str(side)}
 
 
 def task_table(results: dict) -> str:
@@ -138,7 +180,11 @@ def task_table(results: dict) -> str:
             r = (base.get(name) or {}).get("retained")
             row += f" {'n/a' if r is None else f'{r:.1f}':>10}"
         lines.append(row)
-    lines.append(f"achieved sparsity {results['sparsity']['achieved']:.2%} over {results['sparsity']['modules']} matrices")
+    sp = results["sparsity"]
+    lines.append(f"achieved sparsity {sp['achieved']:.2%} over {sp['modules']} matrices")
+    if sp.get("parameters"):
+        lines.append(f"parameters {sp['parameters']['after']:,} of {sp['parameters']['before']:,} "
+                     f"({sp['removed']:.2%} removed or zero) · {sp.get('recipe')}")
     return "\n".join(lines)
 
 
@@ -155,7 +201,13 @@ def run(args: argparse.Namespace) -> int:
 
         if args.model:
             raise UserError("--export-data downloads task data only; drop MODEL (or drop --export-data to evaluate)")
-        with output_dir(args.export_data, args.overwrite) as tmp:
+        from llmprune.io.network import hub_reachable, why_offline
+
+        check_output_dir(args.export_data, args.overwrite, inputs=list(args.include_path))
+        if not hub_reachable():
+            raise UserError(f"--export-data downloads task data from the Hugging Face Hub, but {why_offline()}; "
+                            "run it on a connected machine and copy DIR here")
+        with output_dir(args.export_data, args.overwrite, inputs=list(args.include_path)) as tmp:
             manifest = export_data(specs, tmp, args.include_path, progress=not args.quiet)
         print(f"exported {len(manifest['tasks'])} task(s) and {len(manifest['perplexity'])} perplexity text(s) "
               f"to {args.export_data}; "
@@ -165,7 +217,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give MODEL (a Hub id, a local directory or llmprune-tiny), or --export-data DIR")
     if not args.output:
         raise UserError("give --output RESULTS_DIR")
-    check_output_dir(args.output, args.overwrite)
+    from llmprune.io.load import model_input_path
+
+    # --overwrite must never delete an input; MODEL/eval is the documented place for results, so inside is fine.
+    inputs = [args.baseline, args.data_dir, *args.include_path, *(_csv(args.ppl_data) if args.ppl_data else [])]
+    model_dir = [model_input_path(args.model)]
+    check_output_dir(args.output, args.overwrite, inputs=inputs, inside_ok=model_dir)
+    check_model_and_hub_data(args, specs)
     dense = dense_items = None
     if args.baseline:
         from llmprune.eval.harness import read_items, read_results
@@ -175,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llmprune.eval import harness
 
-    model, tokenizer, path = load_for_eval(args, settings)
+    model, tokenizer, path = load_for_eval(args, settings, allow_packed=True)
     ctx = harness.prepare(model, tokenizer, suites, specs, settings)
     try:
         run_ = harness.evaluate(ctx, model, tokenizer, model_name=args.model,
@@ -188,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         run_.results["baseline"] = baseline_block(dense, run_.results, dense_items, run_.items)
         for warning in run_.results["baseline"]["warnings"]:
             print(f"llmprune: warning: {warning}", file=sys.stderr)
-    with output_dir(args.output, args.overwrite) as tmp:
+    with output_dir(args.output, args.overwrite, inputs=inputs, inside_ok=model_dir) as tmp:
         harness.write_results(tmp, run_)
     print(task_table(run_.results))
     print(f"wrote {Path(args.output) / 'results.json'}")

@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument("--commit-message", metavar="MSG", default=None, help="commit message")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the files (with sizes) and the card that would be pushed; no network")
+    parser.add_argument("--quiet", action="store_true", help="no upload progress bars")
     parser.set_defaults(func=run)
 
 

@@ -1,7 +1,7 @@
 """`llmprune sweep MODEL --method wanda --sparsities 0,0.3,0.5,0.7 [--suite ...] --output DIR`.
 
 Prunes in memory at each level (from the dense weights each time, not cumulatively), evaluates it
-with one lm-eval wrapper and task index, and writes
+with one lm-eval task index, and writes
 
     DIR/runs/dense/                 results of the unpruned model (sparsity 0)
     DIR/runs/<method>-<level>/      results (+ compress.json: the compression report)
@@ -19,9 +19,12 @@ def register(sub) -> None:
                        description="Prune MODEL in memory at each sparsity with --method, evaluate each level "
                                    "with the chosen suites, and write per-level results plus a report.")
     p.add_argument("model", help="Hub id, local directory, or 'llmprune-tiny'")
-    p.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt")
-    p.add_argument("--sparsities", default="0,0.3,0.5,0.7",
-                   help="comma-separated levels: fractions (0.5) or N:M patterns (2:4); 0 = dense")
+    p.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt | width | layer-drop")
+    p.add_argument("--sparsities", "--levels", dest="sparsities", default="0,0.3,0.5,0.7",
+                   help="comma-separated levels; 0 = dense. Pruning methods: sparsity, a fraction (0.5) or N:M "
+                        "(2:4); width: fraction of MLP neurons removed (0.25 keeps 75%%; with --heads also of "
+                        "the attention heads); layer-drop: fraction of decoder layers removed")
+    p.add_argument("--heads", action="store_true", help="width: remove the same fraction of attention heads too")
     p.add_argument("--allocation", choices=("uniform", "owl", "global"), default=None,
                    help="how sparsity is spread over layers (default uniform)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH; default c4")
@@ -59,6 +62,28 @@ def parse_levels(text: str) -> list:
     return levels
 
 
+def level_recipe(args, level):
+    """The one-stage recipe of a sweep level (validated before anything loads)."""
+    from llmprune.errors import UserError
+    from llmprune.recipe import Recipe
+    from llmprune.stages import kind_for
+
+    calib = dict(data=args.calib_data, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
+    kind = kind_for(args.method).name
+    if kind == "prune":
+        return Recipe.from_cli(args.method, level, allocation=args.allocation or "uniform", **calib)
+    if args.allocation:
+        raise UserError(f"--allocation is for pruning methods, not {args.method}")
+    if isinstance(level, str):
+        raise UserError(f"--levels: {level} is an N:M pattern; {args.method} levels are fractions removed")
+    if kind == "width":
+        keep = round(1 - level, 6)
+        return Recipe.from_cli("width", mlp_keep=keep, heads_keep=keep if args.heads else None, **calib)
+    if kind == "layer-drop":
+        return Recipe.from_cli("layer-drop", layer_fraction=level, **calib)
+    raise UserError(f"sweep does not support --method {args.method}")
+
+
 def level_name(method: str, level) -> str:
     if level == 0:
         return "dense"
@@ -89,37 +114,49 @@ def restore(model, saved: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import copy
     import json
     from pathlib import Path
 
     from llmprune.calibration.data import check_source
-    from llmprune.commands.eval import load_for_eval, parse_eval_args
+    from llmprune.commands.eval import check_model_and_hub_data, load_for_eval, parse_eval_args
     from llmprune.errors import UserError
     from llmprune.eval import harness
     from llmprune.eval.report import build_report, summary_table
     from llmprune.io.save import check_output_dir, output_dir
-    from llmprune.recipe import Recipe
+    from llmprune.io.sidecar import base_model_entry, compress_sidecar, describe, removed_fraction
 
     levels = parse_levels(args.sparsities)
     suites, specs, settings = parse_eval_args(args)
     # Validate every recipe (method name, N:M, calibration flags) before loading anything.
-    recipes = {str(l): Recipe.from_cli(args.method, l, allocation=args.allocation or "uniform",
-                                       data=args.calib_data, samples=args.calib_samples,
-                                       seqlen=args.calib_seqlen, seed=args.seed)
-               for l in levels if l != 0}
-    from llmprune.methods import get_method
-
-    needs_data = any(get_method(st.method).needs or st.allocation == "owl"
-                     for r in recipes.values() for st in r.stages)
+    recipes = {str(l): level_recipe(args, l) for l in levels if l != 0}
+    needs_data = any(r.needs_calibration() for r in recipes.values())
     calib_cfg = next(iter(recipes.values())).calibration if recipes and needs_data else None
     if calib_cfg is not None:
-        check_source(calib_cfg.data)
+        check_source(calib_cfg.data, check_hub=False)
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be >= 0")
-    check_output_dir(args.output, args.overwrite)
+    from llmprune.io.load import model_input_path
+
+    inputs = [model_input_path(args.model), args.calib_data, args.data_dir, *args.include_path,
+              *(t.strip() for t in (args.ppl_data or "").split(","))]    # --overwrite never deletes them
+    check_output_dir(args.output, args.overwrite, inputs=inputs)
+    check_model_and_hub_data(args, specs)
+    if calib_cfg is not None:
+        check_source(calib_cfg.data)             # c4 / wikitext2 with the Hub unreachable: say so now
 
     import llmprune
+    from llmprune.api import check_recipe
+    from llmprune.io.load import load_config
 
+    config = load_config(args.model, args.trust_remote_code, args.revision)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):                      # every level's counts/targets, before any weights load
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    for level, recipe in recipes.items():
+        check_recipe(skeleton, recipe)
     model, tokenizer, path = load_for_eval(args, settings)
     calib = None
     if calib_cfg is not None:
@@ -129,28 +166,40 @@ def run(args: argparse.Namespace) -> int:
         calib = calibration_set(model.config, tokenizer, next(iter(recipes.values())))
     dense = snapshot(model)
     ctx = harness.prepare(model, tokenizer, suites, specs, settings)
+    dense_lm = ctx.lm
+    structured = any(stage.kind != "prune" for r in recipes.values() for stage in r.stages)
     try:
-        with output_dir(args.output, args.overwrite) as tmp:
+        with output_dir(args.output, args.overwrite, inputs=inputs) as tmp:
             run_dirs = []
             for level in levels:
                 name = level_name(args.method, level)
                 restore(model, dense)
                 extra = {"model": {"path": path}}
                 comp = None
+                subject = model
                 if level != 0:
-                    print(f"== {name}: pruning with {args.method} at {level}", flush=True)
-                    _, comp = llmprune.compress(model, tokenizer, recipes[str(level)], calib=calib,
+                    print(f"== {name}: {args.method} at {level}", flush=True)
+                    recipe = recipes[str(level)]
+                    if structured:    # shapes change: work on a copy, evaluate it through its own wrapper
+                        subject = copy.deepcopy(model)
+                        ctx.lm = harness.make_lm(subject, tokenizer, settings.batch_size, settings.max_length,
+                                                 settings.softmax_dtype)
+                    _, comp = llmprune.compress(subject, tokenizer, recipe, calib=calib,
                                                 device=args.device, progress=not args.quiet)
-                    side = comp.sidecar()
+                    side = compress_sidecar(comp, base_model_entry(args.model))
                     extra["sparsity"] = {"target": level, "method": args.method,
                                          "pattern": side["sparsity"]["pattern"]}
+                    if structured:
+                        extra["sparsity"].update(parameters=side["parameters"], removed=removed_fraction(side),
+                                                 recipe=describe(side), target=None)
                 else:
                     print("== dense", flush=True)
                     extra["sparsity"] = {"target": 0.0, "method": "dense", "pattern": "dense"}
-                result = harness.evaluate(ctx, model, tokenizer, model_name=args.model, extra=extra)
+                    ctx.lm = dense_lm
+                result = harness.evaluate(ctx, subject, tokenizer, model_name=args.model, extra=extra)
                 if comp is not None:
                     counted = result.results["sparsity"]["achieved"]
-                    if abs(counted - comp.sparsity) > 1e-3:
+                    if not structured and abs(counted - comp.sparsity) > 1e-3:
                         raise UserError(f"internal check failed: compressor reports {comp.sparsity:.4f} sparsity "
                                         f"but the weights have {counted:.4f}")
                 d = tmp / "runs" / name

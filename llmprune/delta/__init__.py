@@ -5,25 +5,13 @@
 
 Both stream tensor by tensor from safetensors shards (peak memory: a few tensors), write
 through `llmprune.io.save.output_dir` (atomic) and leave a `llmprune.json` of kind "delta".
-Modules: `streaming` (shard reader/writers), `sparsify` (per-tensor rules), `merge` (linear / TIES),
-`darex` (q search), `pipeline` (the run), `apply` (sparse delta artifact and rebuild).
+Modules: `streaming` (delta file helpers over `llmprune.io.checkpoint`), `sparsify` (per-tensor
+rules), `merge` (linear / TIES), `darex` (q search), `pipeline` (the run), `apply` (sparse delta
+artifact and rebuild).
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def _refuse_input_as_output(output, inputs) -> None:
-    """--overwrite must never replace (or delete a folder holding) one of the inputs."""
-    from llmprune.errors import UserError
-
-    target = Path(output).expanduser().resolve()
-    for name in inputs:
-        path = Path(name).expanduser()
-        if path.exists():
-            path = path.resolve()
-            if path == target or target in path.parents:
-                raise UserError(f"--output {output} would overwrite the input {name}; choose another directory")
 
 
 def prune_delta(base: str, finetuned: list[str] | str, output: str | Path, *, method: str = "dare",
@@ -40,16 +28,15 @@ def prune_delta(base: str, finetuned: list[str] | str, output: str | Path, *, me
 
     from llmprune.delta.pipeline import DeltaSpec, run_delta
     from llmprune.delta.sparsify import parse_rescale
-    from llmprune.delta.streaming import parse_size
+    from llmprune.io.checkpoint import parse_size
     from llmprune.io.save import RECIPE_NAME, output_dir, write_sidecar
 
     finetuned = [finetuned] if isinstance(finetuned, str) else list(finetuned)
-    _refuse_input_as_output(output, [base, *finetuned])
     spec = DeltaSpec(method=method, drop_rate=drop_rate, rescale=None if rescale is None else parse_rescale(rescale),
                      weights=None if weights is None else list(weights), lam=lam, seed=seed,
                      exclude=list(exclude), default_exclude=default_exclude)
     max_bytes = parse_size(max_shard_size)
-    with output_dir(output, overwrite=overwrite) as tmp:
+    with output_dir(output, overwrite=overwrite, inputs=[base, *finetuned]) as tmp:
         result = run_delta(base, finetuned, spec, tmp, max_shard_bytes=max_bytes, save_delta=save_delta,
                            calib=calib, trust_remote_code=trust_remote_code, progress=progress)
         (tmp / RECIPE_NAME).write_text(yaml.safe_dump(result["recipe"], sort_keys=False))
@@ -63,8 +50,7 @@ def apply_delta_dir(base: str, delta_dir: str | Path, output: str | Path, *, ove
     from llmprune.delta.apply import apply_delta
     from llmprune.io.save import output_dir, write_sidecar
 
-    _refuse_input_as_output(output, [base, delta_dir])
-    with output_dir(output, overwrite=overwrite) as tmp:
+    with output_dir(output, overwrite=overwrite, inputs=[base, delta_dir]) as tmp:
         result = apply_delta(base, delta_dir, tmp, progress=progress)
         sidecar = dict(result["sidecar"])
         sidecar.setdefault("kind", "delta")

@@ -22,9 +22,8 @@ import json
 import time
 from pathlib import Path
 
-from llmprune.delta.streaming import (AppendShardWriter, CheckpointReader, PlannedShardWriter, bit_view,
-                                      copy_model_files, dtype_code, local_model_dir, positive_zero,
-                                      tensor_bytes, torch_dtype)
+from llmprune.delta.streaming import bit_view, copy_model_files, local_model_dir, positive_zero, tensor_bytes
+from llmprune.io.checkpoint import CheckpointReader, ShardWriter, dtype_code, torch_dtype
 from llmprune.errors import UserError
 
 DELTA_SUBDIR = "sparse_delta"
@@ -45,7 +44,7 @@ class SparseDeltaWriter:
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=False)
-        self.writer = AppendShardWriter(self.directory, max_shard_bytes, stem="delta")
+        self.writer = ShardWriter(self.directory, max_shard_bytes, stem="delta")  # patch sizes known only as they come
         self.max_shard_bytes = max_shard_bytes
         self.entries: list[dict] = []
         self._hashes: dict[str, str] = {}
@@ -67,11 +66,11 @@ class SparseDeltaWriter:
                     self._hashes[base_name] = tensor_hash(base)
                 entry.update(base=base_name, base_blake2b=self._hashes[base_name], storage="patch",
                              nnz=index.numel())
-                self.writer.write(f"{name}::idx", index.to(index_dtype))
-                self.writer.write(f"{name}::val", out.reshape(-1)[index])
+                self.writer.add(f"{name}::idx", index.to(index_dtype))
+                self.writer.add(f"{name}::val", out.reshape(-1)[index])
                 self.entries.append(entry)
                 return
-        self.writer.write(f"{name}::dense", out)
+        self.writer.add(f"{name}::dense", out)
         self.entries.append(entry)
 
     def close(self, source_dir: Path, sidecar: dict, finetuned_bytes: int) -> int:
@@ -87,16 +86,15 @@ class SparseDeltaWriter:
 
 
 def read_manifest(delta_dir: Path) -> dict:
+    from llmprune.io.files import read_json
+
     path = Path(delta_dir) / MANIFEST_NAME
     if not Path(delta_dir).is_dir():
         raise UserError(f"delta directory {delta_dir} does not exist")
     if not path.is_file():
-        raise UserError(f"{delta_dir} has no {MANIFEST_NAME}; give the `{DELTA_SUBDIR}` folder written by "
-                        "`llmprune delta ... --save-delta`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise UserError(f"{delta_dir} has no {MANIFEST_NAME} (nor a {DELTA_SUBDIR} folder with one); give the output "
+                        "of `llmprune delta ... --save-delta` or its `sparse_delta` folder")
+    manifest = read_json(path, "sparse delta manifest")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != 1:
         raise UserError(f"{path} is not an llmprune sparse delta (format {manifest.get('format')!r}, "
                         f"version {manifest.get('format_version')!r})")
@@ -124,12 +122,21 @@ def rebuild_tensor(entry: dict, delta: CheckpointReader, base_reader: Checkpoint
     return out
 
 
+def find_delta_dir(delta_dir: str | Path) -> Path:
+    """The sparse delta folder: `delta_dir` itself, or its `sparse_delta` subfolder (the output of
+    `llmprune delta --save-delta` given as a whole)."""
+    delta_dir = Path(delta_dir).expanduser()
+    if not (delta_dir / MANIFEST_NAME).is_file() and (delta_dir / DELTA_SUBDIR / MANIFEST_NAME).is_file():
+        return delta_dir / DELTA_SUBDIR
+    return delta_dir
+
+
 def apply_delta(base: str, delta_dir: str | Path, output: Path, progress: bool = True) -> dict:
     """Write `base + delta` into the existing empty directory `output`. Returns a summary dict."""
     from tqdm.auto import tqdm
 
     start = time.time()
-    delta_dir = Path(delta_dir)
+    delta_dir = find_delta_dir(delta_dir)
     manifest = read_manifest(delta_dir)
     base_dir = local_model_dir(base)
     base_reader = CheckpointReader(base_dir)
@@ -141,9 +148,9 @@ def apply_delta(base: str, delta_dir: str | Path, output: Path, progress: bool =
                 raise UserError(f"base {base} does not match this delta (tensor {entry['base']} missing or of another "
                                 "shape); give the base model used for `llmprune delta`")
     plan = [(e["name"], tuple(e["shape"]), e["dtype"]) for e in manifest["tensors"]]
-    writer = PlannedShardWriter(Path(output), plan, manifest["max_shard_bytes"])
+    writer = ShardWriter(Path(output), manifest["max_shard_bytes"], plan=plan)
     for entry in tqdm(manifest["tensors"], desc="apply delta", unit="tensor", disable=not progress):
-        writer.write(entry["name"], rebuild_tensor(entry, delta_reader, base_reader))
+        writer.add(entry["name"], rebuild_tensor(entry, delta_reader, base_reader))
     files = writer.close()
     copy_model_files(delta_dir, Path(output))
     sidecar = dict(manifest.get("sidecar", {}))

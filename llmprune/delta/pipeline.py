@@ -12,14 +12,14 @@ Only a few tensors are in memory at any time; the output shards are written as t
 from __future__ import annotations
 
 import re
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmprune.delta.streaming import (CheckpointReader, PlannedShardWriter, copy_model_files,
-                                      local_model_dir, positive_zero)
+from llmprune.delta.streaming import copy_model_files, local_model_dir, positive_zero
+from llmprune.io.checkpoint import CheckpointReader, ShardWriter
 from llmprune.errors import UserError
+from llmprune.io.files import peak_rss_bytes
 
 # method -> (mask strategy, consensus, normalize, default rescale); mergekit's registry (§4.4),
 # with DARE's own rescale 1/(1-p) instead of mergekit's L1 matching.
@@ -250,19 +250,6 @@ def compute_tensor(job: TensorJob, base: CheckpointReader, finetuned: list[Check
     return TensorResult(positive_zero(out), nnz / numel if job.prune else None, nnz, numel)
 
 
-def _revision(directory: Path) -> str | None:
-    """The Hub commit of a snapshot directory (.../snapshots/<sha>), None for a plain local dir."""
-    parts = Path(directory).resolve().parts
-    if len(parts) >= 2 and parts[-2] == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
-        return parts[-1]
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_delta(base: str, finetuned: list[str], spec: DeltaSpec, output: Path, *, max_shard_bytes: int = 5 * 10**9,
               save_delta: bool = False, calib: dict | None = None, trust_remote_code: bool = False,
               progress: bool = True) -> dict:
@@ -276,7 +263,7 @@ def run_delta(base: str, finetuned: list[str], spec: DeltaSpec, output: Path, *,
     from llmprune import __version__
     from llmprune.delta.apply import DELTA_SUBDIR, SparseDeltaWriter
     from llmprune.delta.sparsify import Rescale
-    from llmprune.io.load import load_config
+    from llmprune.io.load import load_config, snapshot_revision
 
     start = time.time()
     spec = validate_spec(spec, len(finetuned))
@@ -295,13 +282,13 @@ def run_delta(base: str, finetuned: list[str], spec: DeltaSpec, output: Path, *,
         spec.rescale = Rescale("q", q_search.q)
 
     plan = [(job.name, job.shape, job.dtype) for job in jobs]
-    writer = PlannedShardWriter(output, plan, max_shard_bytes)
+    writer = ShardWriter(output, max_shard_bytes, plan=plan)
     delta_writer = SparseDeltaWriter(output / DELTA_SUBDIR, max_shard_bytes) if save_delta else None
     tensors, nnz_total, numel_total = {}, 0, 0
     for job in tqdm(jobs, desc=f"delta {spec.method}", unit="tensor", disable=not progress):
         base_tensor = base_reader.get(job.base_name) if job.base_name is not None else None
         result = compute_tensor(job, base_reader, ft_readers, spec, base_tensor=base_tensor)
-        writer.write(job.name, result.out)
+        writer.add(job.name, result.out)
         if delta_writer is not None:
             delta_writer.add(job.name, result.out, job.base_name, base_tensor)
         if result.density is not None:
@@ -325,9 +312,9 @@ def run_delta(base: str, finetuned: list[str], spec: DeltaSpec, output: Path, *,
     sidecar = {
         "kind": "delta",
         "llmprune_version": __version__,
-        "base_model": {"id": base, "revision": _revision(base_dir),
+        "base_model": {"id": base, "revision": snapshot_revision(base_dir),
                        "model_type": getattr(base_config, "model_type", None)},
-        "finetuned": [{"id": f, "revision": _revision(d), "weight": w}
+        "finetuned": [{"id": f, "revision": snapshot_revision(d), "weight": w}
                       for f, d, w in zip(finetuned, ft_dirs, spec.weights)],
         "recipe": recipe,
         "delta": {"method": spec.method, "drop_rate": spec.drop_rate, "rescale": rescale_text,

@@ -16,7 +16,7 @@
                     # score = macro mean of the primary metric over the suite's higher-is-better tasks
                     #         (null when it has none, e.g. perplexity only); chance = mean of their chances
     settings        {seqlen, max_length, batch_size, limit, ppl_data, data_dir, include_path,
-                     softmax_dtype, apply_chat_template, device, dtype}
+                     softmax_dtype, apply_chat_template, num_fewshot, gen_kwargs, model_args, device}
     seed            {random, numpy, torch, fewshot}
     versions        {python, torch, transformers, lm_eval, llmprune, ...}
     command         the command line
@@ -72,6 +72,9 @@ class Settings:
     softmax_dtype: str = "float32"
     apply_chat_template: bool = False
     progress: bool = True
+    num_fewshot: int | None = None             # lm-eval's --num_fewshot: overrides the suites' shots
+    gen_kwargs: dict[str, Any] | None = None   # lm-eval's --gen_kwargs, for generate_until tasks
+    model_args: dict[str, Any] = field(default_factory=dict)  # lm-eval's --model_args, given to HFLM
 
     def seeds(self) -> dict[str, int]:
         # lm-eval's defaults at seed 0 (python 0; numpy/torch/fewshot 1234), shifted together otherwise.
@@ -161,8 +164,10 @@ def resolve_batch_size(batch_size: str | int, device) -> int | str:
     return "auto" if str(device).startswith("cuda") else 8
 
 
-def make_lm(model, tokenizer, batch_size: int | str, max_length: int, softmax_dtype: str = "float32"):
-    """lm-eval's HFLM around an in-memory model (no reload, no Hub access)."""
+def make_lm(model, tokenizer, batch_size: int | str, max_length: int, softmax_dtype: str = "float32",
+            model_args: dict[str, Any] | None = None):
+    """lm-eval's HFLM around an in-memory model (no reload, no Hub access); `model_args` as lm-eval's
+    --model_args (checked by `parse_model_args`)."""
     import logging
 
     from lm_eval.models.huggingface import HFLM
@@ -170,7 +175,48 @@ def make_lm(model, tokenizer, batch_size: int | str, max_length: int, softmax_dt
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "passed an instantiated model" warning
     device = next(model.parameters()).device
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=resolve_batch_size(batch_size, device),
-                max_batch_size=64, max_length=max_length, softmax_dtype=softmax_dtype)
+                max_batch_size=64, max_length=max_length, softmax_dtype=softmax_dtype, **(model_args or {}))
+
+
+# lm-eval --model_args keys that llmprune sets itself, and the flag to use instead.
+_OWN_MODEL_ARGS = {"pretrained": "MODEL", "tokenizer": "MODEL's tokenizer", "device": "--device", "dtype": "--dtype",
+                   "revision": "--revision", "trust_remote_code": "--trust-remote-code",
+                   "batch_size": "--batch-size", "max_batch_size": "--batch-size", "max_length": "--seqlen",
+                   "softmax_dtype": "(always float32)"}
+
+
+def parse_model_args(text: str | None) -> dict[str, Any]:
+    """lm-eval's `--model_args k=v,k2=v2` (its own parser), checked against HFLM's parameters."""
+    if not text:
+        return {}
+    import inspect
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import simple_parse_args_string
+
+    if any("=" not in part for part in text.split(",") if part.strip()):
+        raise UserError(f"--model-args {text!r}: write key=value pairs separated by commas, e.g. add_bos_token=True")
+    args = simple_parse_args_string(text)
+    known = [n for n, p in inspect.signature(HFLM.__init__).parameters.items()
+             if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    for key in args:
+        if key in _OWN_MODEL_ARGS:
+            raise UserError(f"--model-args {key}: llmprune sets it itself; use {_OWN_MODEL_ARGS[key]}")
+        if key not in known:
+            raise UserError(f"--model-args {key}: not a parameter of lm-eval's HF model; choose from "
+                            f"{', '.join(k for k in known if k not in _OWN_MODEL_ARGS)}")
+    return args
+
+
+def parse_gen_kwargs(text: str | None) -> dict[str, Any] | None:
+    """lm-eval's `--gen_kwargs k=v,...` (its own parser)."""
+    if not text:
+        return None
+    from lm_eval.utils import simple_parse_args_string
+
+    if any("=" not in part for part in text.split(",") if part.strip()):
+        raise UserError(f"--gen-kwargs {text!r}: write key=value pairs separated by commas, e.g. temperature=0,max_gen_toks=256")
+    return simple_parse_args_string(text) or None
 
 
 _TASK_MANAGERS: dict[tuple, Any] = {}
@@ -233,6 +279,30 @@ def leaf_tasks(index: dict, name: str, overrides: dict | None = None, _depth: in
             raise UserError(f"lm-eval group {name} has an inline member llmprune cannot redirect to local data; "
                             "run without --data-dir")
     return out
+
+
+# dataset_path values that name a `datasets` loader reading local files, not a Hub dataset
+_LOCAL_LOADERS = ("json", "parquet", "csv", "text", "arrow", "pandas", "imagefolder", "audiofolder")
+
+
+def check_task_data_offline(specs: list[TaskSpec], include_path: list[str]) -> None:
+    """With the Hub unreachable: refuse, before any model is loaded, an lm-eval task whose Hub dataset
+    is certainly not cached (one line: what to export). Indexing is cached, so a later run pays nothing."""
+    from llmprune.io.network import dataset_maybe_cached, why_offline
+
+    lm_specs = [s for s in specs if s.kind == "lm_eval"]
+    if not lm_specs:
+        return
+    include = [str(Path(p).expanduser().resolve()) for p in include_path if Path(p).expanduser().is_dir()]
+    index = _index_for([s.name for s in lm_specs], include).task_index
+    for spec in lm_specs:
+        for leaf, overrides in leaf_tasks(index, spec.name):
+            path = overrides.get("dataset_path", (index[leaf].cfg or {}).get("dataset_path"))
+            if not isinstance(path, str) or path in _LOCAL_LOADERS or Path(path).expanduser().exists():
+                continue
+            if not dataset_maybe_cached(path):
+                raise UserError(f"task {spec.name}: its data ({path}) is not in the datasets cache and {why_offline()}; "
+                                f"export it on a connected machine with `{export_command(spec)}` and pass --data-dir DIR")
 
 
 def export_command(spec: TaskSpec) -> str:
@@ -305,7 +375,8 @@ def write_redirect_groups(specs: list[TaskSpec], index: dict, data_dir: str, out
 def prepare(model, tokenizer, suites: list[Suite], specs: list[TaskSpec], settings: Settings, lm=None) -> Context:
     """Build the HFLM wrapper and the task index once; redirect tasks to --data-dir when given."""
     check_requirements(specs)
-    lm = lm or make_lm(model, tokenizer, settings.batch_size, settings.max_length, settings.softmax_dtype)
+    lm = lm or make_lm(model, tokenizer, settings.batch_size, settings.max_length, settings.softmax_dtype,
+                       settings.model_args)
     ctx = Context(lm=lm, task_manager=None, specs=specs, suites=suites, settings=settings)
     lm_specs = [s for s in specs if s.kind == "lm_eval"]
     if not lm_specs:
@@ -331,8 +402,12 @@ def _load_error(spec: TaskSpec, exc: Exception) -> UserError:
     text = f"{type(exc).__name__}: {exc}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if any(k in text for k in ("Offline", "offline", "ConnectionError", "Couldn't reach", "resolve", "LocalEntryNotFound")):
-        return UserError(f"task {spec.name}: its data is not available offline ({type(exc).__name__}); export it "
-                         f"on a connected machine with `{export_command(spec)}` and pass --data-dir DIR")
+        from llmprune.io.network import hub_reachable, why_offline
+
+        why = "its data is not in the datasets cache and " + why_offline() if not hub_reachable() else \
+            f"its data is not available offline ({type(exc).__name__})"
+        return UserError(f"task {spec.name}: {why}; export it on a connected machine with `{export_command(spec)}` "
+                         "and pass --data-dir DIR")
     if isinstance(exc, FileNotFoundError):
         return UserError(f"task {spec.name}: data file missing ({first}); re-export with `{export_command(spec)}`")
     return UserError(f"task {spec.name} could not be loaded: {type(exc).__name__}: {first}")
@@ -350,7 +425,7 @@ def _load_task_objects(ctx: Context, spec: TaskSpec) -> tuple[list, dict]:
     except Exception as exc:  # data loading raises many types (ConnectionError, FileNotFoundError, ValueError...)
         raise _load_error(spec, exc) from None
     leaves = loaded["tasks"]
-    if spec.num_fewshot is not None:
+    if spec.num_fewshot is not None and ctx.settings.num_fewshot is None:  # --num-fewshot: lm-eval decides
         for task in leaves.values():
             task.set_config(key="num_fewshot", value=int(spec.num_fewshot))
     if name in loaded.get("groups", {}):
@@ -373,7 +448,8 @@ def run_lm_eval(ctx: Context) -> tuple[dict | None, dict[str, list[str]]]:
     seeds = ctx.settings.seeds()
     try:
         raw = lm_eval.simple_evaluate(
-            model=ctx.lm, tasks=objects, task_manager=ctx.task_manager, num_fewshot=None,
+            model=ctx.lm, tasks=objects, task_manager=ctx.task_manager, num_fewshot=ctx.settings.num_fewshot,
+            gen_kwargs=ctx.settings.gen_kwargs,
             limit=ctx.settings.limit, bootstrap_iters=0, log_samples=True, use_cache=None,
             apply_chat_template=ctx.settings.apply_chat_template, random_seed=seeds["random"],
             numpy_random_seed=seeds["numpy"], torch_random_seed=seeds["torch"],
@@ -470,8 +546,10 @@ def _lm_eval_entries(ctx: Context, raw: dict, leaves_of: dict[str, list[str]]):
             xs = items["x"]
             mean = sum(xs) / len(xs)
             stderr = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+        shots = {raw.get("n-shot", {}).get(l) for l in leaves} - {None}   # what lm-eval actually used
         entry = {"suite": spec.suite, "kind": "lm_eval", "metric": metric_key, "value": value, "stderr": stderr,
-                 "n": n, "chance": spec.chance, "higher_is_better": higher, "num_fewshot": spec.num_fewshot,
+                 "n": n, "chance": spec.chance, "higher_is_better": higher,
+                 "num_fewshot": shots.pop() if len(shots) == 1 else spec.num_fewshot,
                  "lm_eval_name": name if name != spec.name else None, "subtasks": leaves if len(leaves) > 1 else None}
         recs = [dict(r, task=l) for l in leaves for r in samples.get(l, [])]
         yield spec.name, entry, recs, items
@@ -496,7 +574,10 @@ def ppl_texts(data: str, data_dir: str | None) -> list[str]:
     except UserError:
         if data not in HUB_PPL_SOURCES:
             raise
-        raise UserError(f"perplexity data {data} is not available (offline?); export it on a connected machine with "
+        from llmprune.io.network import hub_reachable, why_offline
+
+        why = f"not in the datasets cache and {why_offline()}" if not hub_reachable() else "not available"
+        raise UserError(f"perplexity data {data} is {why}; export it on a connected machine with "
                         f"`llmprune eval --export-data DIR --suite lm` and pass --data-dir DIR, or use "
                         f"--ppl-data stdlib or a local .txt/.jsonl") from None
 
@@ -518,14 +599,23 @@ def count_sparsity(model) -> dict[str, Any]:
         w = mod.weight
         zeros += int((w == 0).sum().item())
         total += w.numel()
-    return {"achieved": zeros / total if total else 0.0, "zeros": zeros, "total": total, "modules": len(linears)}
+    # packed 2:4 linears (llmprune.load_pretrained): every entry outside `values` is a zero
+    packed = [m for m in model.modules() if hasattr(m, "bitmask") and hasattr(m, "values")
+              and m is not model.get_output_embeddings()]
+    for mod in packed:
+        total += mod.out_features * mod.in_features
+        zeros += mod.out_features * mod.in_features - int(torch.count_nonzero(mod.values))
+    return {"achieved": zeros / total if total else 0.0, "zeros": zeros, "total": total,
+            "modules": len(linears) + len(packed)}
 
 
 def _model_info(model, name: str | None) -> dict[str, Any]:
+    from llmprune.io.load import model_revision
+
     cfg = model.config
     dtype = next(model.parameters()).dtype
     return {"name": name or getattr(cfg, "_name_or_path", None) or type(model).__name__,
-            "model_type": getattr(cfg, "model_type", None), "revision": getattr(cfg, "_commit_hash", None),
+            "model_type": getattr(cfg, "model_type", None), "revision": model_revision(model),
             "dtype": str(dtype).replace("torch.", ""), "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -548,7 +638,7 @@ def evaluate(ctx: Context, model, tokenizer, model_name: str | None = None, extr
     from llmprune.calibration.data import describe_source
     from llmprune.eval import ppl as ppl_mod
     from llmprune.eval import probes
-    from llmprune.io.save import command_line, versions
+    from llmprune.io.sidecar import command_line, versions
 
     settings = ctx.settings
     tasks: dict[str, dict] = {}
@@ -579,7 +669,7 @@ def evaluate(ctx: Context, model, tokenizer, model_name: str | None = None, extr
             samples[spec.name] = [{"doc_id": i, "nll_sum": v, "tokens": res.seqlen - 1}
                                   for i, v in enumerate(res.window_nll)]
         elif spec.kind == "probe":
-            value, recs = probes.run_probe(ctx.lm, spec.params, limit=settings.limit)
+            value, recs = probes.run_probe(ctx.lm, spec.params, limit=settings.limit, progress=settings.progress)
             xs = [r["exact_match"] for r in recs]
             stderr = math.sqrt(value * (1 - value) / (len(xs) - 1)) if len(xs) > 1 else None
             tasks[spec.name] = {"suite": spec.suite, "kind": "probe", "metric": spec.metric, "value": value,
@@ -611,6 +701,8 @@ def evaluate(ctx: Context, model, tokenizer, model_name: str | None = None, extr
                      "ppl_data": [s.params["data"] for s in ctx.specs if s.kind == "perplexity"],
                      "data_dir": settings.data_dir, "include_path": settings.include_path,
                      "softmax_dtype": settings.softmax_dtype, "apply_chat_template": settings.apply_chat_template,
+                     "num_fewshot": settings.num_fewshot, "gen_kwargs": settings.gen_kwargs,
+                     "model_args": settings.model_args,
                      "device": str(next(model.parameters()).device)},
         "seed": settings.seeds(),
         "versions": versions(),
@@ -656,10 +748,9 @@ def read_results(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "results.json"
     if not path.is_file():
         raise UserError(f"{directory} has no results.json; run `llmprune eval ... --output {directory}` first")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    from llmprune.io.files import read_json
+
+    data = read_json(path, "results file", "rerun `llmprune eval`")
     for key in ("tasks", "perplexity", "sparsity", "model"):
         if key not in data:
             raise UserError(f"{path} is not an llmprune results file (no '{key}')")
@@ -685,7 +776,7 @@ def export_data(specs: list[TaskSpec], out_dir: Path, include_path: list[str] | 
 
     from tqdm.auto import tqdm
 
-    from llmprune.io.save import versions
+    from llmprune.io.sidecar import versions
 
     from llmprune.calibration.data import load_texts
     from llmprune.eval.ppl import protocol_for

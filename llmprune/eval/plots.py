@@ -47,7 +47,7 @@ def plot_report(rows, summaries: list[dict], out_dir: Path) -> list[str]:
                     transform=ax.transAxes, fontsize=8, color="dimgrey")
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.set_title(suite)
-        ax.set_xlabel("sparsity (%)")
+        ax.set_xlabel("sparsity / parameters removed (%)")
         ax.set_ylabel("retained % of dense")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(suites):]:
@@ -91,7 +91,7 @@ def plot_report(rows, summaries: list[dict], out_dir: Path) -> list[str]:
             floor = any(r.floor for r in trs)
             ax.set_title(f"{task}" + (" (floor: dense at chance)" if floor else ""), fontsize=9,
                          color="dimgrey" if floor else "black")
-            ax.set_xlabel("sparsity (%)", fontsize=8)
+            ax.set_xlabel("sparsity / parameters removed (%)", fontsize=8)
             ax.set_ylabel(trs[0].metric.split(",")[0] + ("" if trs[0].higher_is_better else " (lower=better)"),
                           fontsize=8)
             ax.tick_params(labelsize=7)

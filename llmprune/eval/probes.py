@@ -146,7 +146,7 @@ def make_items(params: dict) -> tuple[str, list[ProbeItem]]:
     return kind, PROBES[kind](**params)
 
 
-def run_probe(lm, params: dict, limit: int | None = None) -> tuple[float, list[dict]]:
+def run_probe(lm, params: dict, limit: int | None = None, progress: bool = True) -> tuple[float, list[dict]]:
     """Greedy-generate every item with an lm-eval LM and score it. Returns (accuracy, sample records)."""
     from lm_eval.api.instance import Instance
 
@@ -158,7 +158,7 @@ def run_probe(lm, params: dict, limit: int | None = None) -> tuple[float, list[d
     requests = [Instance(request_type="generate_until", doc={"prompt": it.prompt, "target": it.target},
                          arguments=(it.prompt, dict(gen_kwargs)), idx=0, metadata=(f"probe_{kind}", i, 1))
                 for i, it in enumerate(items)]
-    outputs = lm.generate_until(requests)
+    outputs = lm.generate_until(requests, disable_tqdm=not progress)
     records = []
     for i, (it, out) in enumerate(zip(items, outputs)):
         records.append({"doc_id": i, "prompt": it.prompt, "target": it.target, "resps": [[out]],

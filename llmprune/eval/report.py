@@ -131,14 +131,17 @@ class Row:
 
 
 def run_sparsity(results: dict) -> float:
-    """The sparsity a run is plotted at: the target when known, else the achieved one."""
+    """The sparsity a run is plotted at: for structured runs the fraction of parameters removed or zero,
+    else the target when known, else the achieved one."""
     sp = results.get("sparsity") or {}
+    if isinstance(sp.get("removed"), (int, float)):
+        return float(sp["removed"])
     target = sp.get("target")
     if isinstance(target, (int, float)):
         return float(target)
-    if isinstance(target, str) and ":" in target:  # N:M -> its density complement
+    if isinstance(target, str) and ":" in target:  # N:M = N zeros in every M weights: sparsity N/M
         n, m = target.split(":")
-        return 1 - int(n) / int(m)
+        return int(n) / int(m)
     return round(float(sp.get("achieved") or 0.0), 4)
 
 

@@ -18,13 +18,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from llmprune.errors import UserError
+from llmprune.io import sidecar as sidecar_io
 from llmprune.io.save import RECIPE_NAME, read_sidecar
 
 CARD_NAME = "README.md"
@@ -53,14 +53,9 @@ def load_eval_results(directory: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(directory) / EVAL_RESULTS
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); rerun `llmprune eval` "
-                        f"or remove it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold an llmprune eval result (expected a JSON object)")
-    return data
+    from llmprune.io.files import read_json
+
+    return read_json(path, "eval results", "rerun `llmprune eval` or remove it")
 
 
 def is_generated_card(path: str | os.PathLike) -> bool:
@@ -75,16 +70,12 @@ def is_generated_card(path: str | os.PathLike) -> bool:
 
 
 def write_card(directory: str | os.PathLike, text: str) -> Path:
-    """Write README.md atomically (temp file in DIR, then rename), so a crash never leaves half a card."""
+    """Write README.md atomically (temp file in DIR, then rename), so a crash never leaves half a card
+    and a README.md that is a symlink (a Hub cache snapshot) is replaced, never written through."""
+    from llmprune.io.files import write_text_atomic
+
     directory = Path(directory)
-    fd, tmp = tempfile.mkstemp(prefix=".README.md.tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, directory / CARD_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(directory / CARD_NAME, text)
     return directory / CARD_NAME
 
 
@@ -114,14 +105,9 @@ def _num(x: Any) -> str:
 
 
 def _bytes(n: Any) -> str:
-    if not _is_num(n):
-        return str(n)
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+    from llmprune.io.files import format_bytes
+
+    return format_bytes(n) if _is_num(n) else str(n)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -272,7 +258,9 @@ def front_matter(directory: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
 
     tags = ["llmprune"]
     if kind in ("compress", "pack"):
-        tags += ["pruned", "sparse"]
+        tags += ["pruned"] + (["sparse"] if _pattern(sidecar) or kind == "pack" else [])
+        if sidecar_io.is_structured(sidecar):
+            tags.append("structured-pruning")
         pattern = _pattern(sidecar)
         if pattern and ":" in pattern:
             # "2of4", not "2:4": the Hub reads `prefix:value` tags (license:, base_model:) specially.
@@ -306,10 +294,16 @@ def _title_and_summary(directory: Path, sidecar: dict[str, Any], repo_id: str | 
     if kind == "compress":
         parts = [f"A pruned version of {_model_link(base.get('id'), base.get('revision'))}, made with "
                  f"llmprune `compress`"]
-        if method_text:
-            parts.append(f" ({method_text})")
+        recipe_text = sidecar_io.describe(sidecar) or method_text
+        if recipe_text:
+            parts.append(f" ({recipe_text})")
         parts.append(".")
-        if _is_num(sparsity.get("achieved")):
+        counts = sidecar_io.parameters(sidecar)
+        if counts and counts["after"] != counts["before"]:
+            parts.append(f" It is a smaller plain checkpoint: {counts['after']:,} parameters, "
+                         f"{_pct(1 - counts['after'] / counts['before'])} fewer than the base model's "
+                         f"{counts['before']:,}.")
+        if _is_num(sparsity.get("achieved")) and sparsity.get("pattern"):
             pattern = _pattern(sidecar)
             parts.append(f" {_pct(sparsity['achieved'])} of the weights of the pruned layers are zero"
                          + (f" ({pattern} pattern)" if pattern and ":" in pattern else "") + ".")
@@ -374,9 +368,35 @@ def _recipe_section(directory: Path, sidecar: dict[str, Any]) -> str | None:
     return "## Recipe as run\n\n```yaml\n" + text + "\n```"
 
 
+def _stages_section(sidecar: dict[str, Any]) -> str | None:
+    """One row per recipe stage: what it removed, parameters before -> after, zeros after."""
+    records = sidecar_io.stages(sidecar)
+    if sidecar.get("kind") != "compress" or not records or not sidecar_io.parameters(sidecar):
+        return None
+    rows = []
+    for r in records:
+        params = r.get("parameters") or {}
+        zeros = r.get("zeros") or {}
+        removed = r.get("removed") or {}
+        what = []
+        if isinstance(removed.get("layers"), list):
+            what.append(f"decoder layers {', '.join(map(str, removed['layers']))}")
+        for key, value in removed.items():
+            if isinstance(value, dict) and "before" in value:
+                what.append(f"{key.replace('_', ' ')} {value['before']} → {value['after']} per layer")
+        if r.get("modules"):
+            what.append(f"zeros: {r.get('target')} on {len(r['modules'])} matrices")
+        rows.append([r.get("index"), f"`{sidecar_io.stage_label(r)}`", "; ".join(what) or "—",
+                     f"{params.get('before', 0):,} → {params.get('after', 0):,}" if params else "n/a",
+                     _pct(zeros.get("fraction_after")) if _is_num(zeros.get("fraction_after")) else "n/a"])
+    return "\n".join(["## Stages", "", "The recipe's stages in the order they ran (from `stages` in `llmprune.json`); "
+                      "zeros are counted over the decoder layers' linear weights.", "",
+                      _table(["stage", "method", "removed", "parameters", "zeros after"], rows)])
+
+
 def _sparsity_section(sidecar: dict[str, Any]) -> str | None:
     sparsity = sidecar.get("sparsity")
-    if not isinstance(sparsity, dict):
+    if not isinstance(sparsity, dict) or not sparsity.get("pattern"):
         return None
     out = ["## Sparsity: target vs achieved", ""]
     facts = []
@@ -394,6 +414,9 @@ def _sparsity_section(sidecar: dict[str, Any]) -> str | None:
                 groups.setdefault(_module_type(name), []).append(info)
         rows = []
         for mtype, infos in groups.items():
+            infos = [i for i in infos if i.get("target") is not None]     # pruned matrices only
+            if not infos:
+                continue
             sizes = [_numel(i.get("shape")) for i in infos]
             weights = [s if s else 1 for s in sizes]
             params = sum(s for s in sizes if s) if all(sizes) else None
@@ -644,9 +667,14 @@ def _limitations(directory: Path, sidecar: dict[str, Any], results: dict[str, An
         elif pattern and ":" in pattern:
             items.append(f"The {pattern} zeros are stored densely and no common runtime (nor llmprune, whose "
                          "kernels are 2:4 only) turns this pattern into a speed-up or a smaller file.")
-        else:
+        elif pattern:
             items.append("Unstructured sparsity gives no speed-up and no size reduction by itself: the zeros are "
                          "stored densely and transformers, vLLM and llama.cpp run it at dense speed.")
+        if sidecar_io.is_structured(sidecar):
+            items.append("Removed layers, heads or MLP neurons make the model smaller and faster on any runtime, "
+                         "but the loss is not uniform: multi-step generative reasoning (arithmetic, code) and "
+                         "closed-book knowledge degrade before perplexity does. A short recovery run "
+                         "(`llmprune heal`) wins part of it back.")
         items += _pruning_items(sidecar)
     elif kind == "pack":
         items.append("Loading needs llmprune (`llmprune.load_pretrained`); `AutoModelForCausalLM.from_pretrained` "
@@ -739,6 +767,7 @@ def render_card(directory: str | os.PathLike, repo_id: str | None = None) -> str
     sections = [
         _title_and_summary(directory, sidecar, repo_id),
         _usage(directory, sidecar, repo_id),
+        _stages_section(sidecar),
         _sparsity_section(sidecar),
         _delta_section(sidecar),
         _pack_section(sidecar),

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from llmprune.errors import UserError
-from llmprune.io.card import CARD_NAME, is_generated_card, render_card, write_card
+from llmprune.io.card import CARD_NAME, is_generated_card, write_card
+from llmprune.io.errors import render_card_checked
 from llmprune.io.save import read_sidecar
 
 # Files in a repo that decide which weights transformers loads: a stale one left over from an
@@ -67,6 +68,19 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def check_push_ready() -> None:
+    """For `compress --push-to-hub`: a token and a reachable Hub, checked before hours of work."""
+    from huggingface_hub import get_token
+
+    from llmprune.io.network import hub_reachable, why_offline
+
+    later = "or drop --push-to-hub and push later with `llmprune push DIR REPO_ID`"
+    if not get_token():
+        raise UserError(f"no Hugging Face token found for --push-to-hub; run `hf auth login` or set HF_TOKEN, {later}")
+    if not hub_reachable():          # also False in offline mode (HF_HUB_OFFLINE), and says which
+        raise UserError(f"{why_offline()}, so --push-to-hub cannot work; {later.replace('or drop', 'drop')}")
+
+
 def _visible(path: Path, root: Path) -> bool:
     """Hidden files and folders (`.git`, `.cache`, editor swap files, our own temp files) stay home."""
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
@@ -80,7 +94,7 @@ def plan_upload(directory: str | os.PathLike, repo_id: str | None = None) -> tup
     read_sidecar(directory)  # "not an llmprune output" is a UserError
     readme = directory / CARD_NAME
     generated = is_generated_card(readme)
-    card = render_card(directory, repo_id=repo_id) if generated else readme.read_text(encoding="utf-8")
+    card = render_card_checked(directory, repo_id=repo_id) if generated else readme.read_text(encoding="utf-8")
     files: list[UploadFile] = []
     for path in sorted(directory.rglob("*")):
         if not path.is_file() or not _visible(path, directory):
@@ -196,6 +210,11 @@ def push_output(directory: str | os.PathLike, repo_id: str, private: bool = Fals
     token = get_token()
     if not token:
         raise UserError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN to a token with write access")
+    from llmprune.io.network import hub_reachable
+
+    if not hub_reachable():
+        raise UserError("the Hugging Face Hub is unreachable (no network), so nothing was pushed; push again when "
+                        "connected (or use --dry-run)")
     api = HfApi(token=token)
     user = None
     try:
@@ -232,11 +251,9 @@ def push_output(directory: str | os.PathLike, repo_id: str, private: bool = Fals
 
 
 def format_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    from llmprune.io.files import format_bytes
+
+    return format_bytes(n)
 
 
 def summary_table(result: PushResult) -> str:

@@ -5,34 +5,46 @@ temporary sibling of the target, which is renamed into place only when everythin
 A failure (or Ctrl-C) removes the temporary directory; an existing target is refused up front
 unless `overwrite=True`, and even then it is only replaced after the new one is complete.
 
-Sparsity and provenance go into `llmprune.json`, never into `config.json`'s
-`quantization_config` (vLLM >= 0.24 rejects checkpoints carrying a vestigial sparsity_config).
+Sparsity and provenance go into `llmprune.json` (`llmprune.io.sidecar`), never into
+`config.json`'s `quantization_config`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
+import fcntl
 import os
-import platform
+import re
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterable, Iterator
 
 from llmprune.errors import UserError
+from llmprune.io.files import dir_bytes, format_bytes
 
-SIDECAR_NAME = "llmprune.json"
 RECIPE_NAME = "recipe.yaml"
+# The sidecar's reader/writer lives in llmprune.io.sidecar; these names stay importable from here.
+from llmprune.io.sidecar import SIDECAR_NAME, read_sidecar, write_json, write_sidecar  # noqa: E402,F401
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output before any work starts. Returns the resolved path."""
-    target = Path(path).expanduser().resolve()
+def check_output_dir(path: str | os.PathLike, overwrite: bool,
+                     inputs: Iterable[str | os.PathLike | None] = (),
+                     inside_ok: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse a bad output before any work starts. Returns the resolved path.
+
+    The output must not be, contain, or lie inside any of `inputs` (local paths; names that are not
+    paths, like Hub ids or `c4`, are skipped): with --overwrite it would be deleted. `inside_ok` are
+    inputs the output may lie inside (eval writes `MODEL/eval` by design) but still not be or contain.
+    Leftovers of an earlier killed run to the same output are cleaned up here (one note line).
+    """
+    target = Path(path).expanduser().resolve()          # symlinks resolved: an alias is the same folder
+    _refuse_overlap(path, target, inputs, inside_ok)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--output {path} is an existing file, not a directory; choose a directory path")
+    _clean_leftovers(target)
     if target.exists() and not overwrite:
         raise UserError(f"output directory {target} already exists; pass --overwrite to replace it")
-    if target.exists() and not target.is_dir():
-        raise UserError(f"output path {target} exists and is not a directory")
     ancestor = target.parent        # missing parents are created later, so check the first existing one
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -41,106 +53,180 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return target
 
 
+def _refuse_overlap(given, target: Path, inputs, inside_ok) -> None:
+    checks = [(name, True) for name in inputs] + [(name, False) for name in inside_ok]
+    for name, refuse_inside in checks:
+        if name is None or str(name) == "":
+            continue
+        source = Path(name).expanduser()
+        if not source.exists():                          # a Hub id, a dataset name: nothing local to protect
+            continue
+        source = source.resolve()
+        if source == target:
+            raise UserError(f"--output {given} is the input {name}; choose another directory "
+                            "(the input would be replaced)")
+        if target in source.parents:
+            raise UserError(f"--output {given} contains the input {name}; choose another directory "
+                            "(replacing it would delete the input)")
+        if refuse_inside and source in target.parents:
+            raise UserError(f"--output {given} lies inside the input {name}; choose a directory outside it")
+
+
+# Temporary and replaced outputs sit beside the target as `.NAME.tmp-PID-RAND` / `.NAME.old-PID`. A live
+# run holds an flock on its temp folder, so a temp folder nobody holds is a leftover of a killed run (the
+# kernel drops the locks of a dead process, whatever its pid, host or container). `.old-PID` exists only
+# for the instant between two renames and is never locked: there the pid decides.
+def _leftovers(target: Path) -> list[tuple[Path, str, int]]:
+    """(path, "tmp" | "old", pid) of the leftover folders beside `target`."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)(-[0-9a-f]+)?$")
+    try:
+        entries = sorted(target.parent.iterdir())
+    except OSError:                                      # parent missing or unreadable
+        return []
+    found = []
+    for path in entries:
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not path.is_symlink():
+            found.append((path, match.group(1), int(match.group(2))))
+    return found
+
+
+def _in_use(path: Path, kind: str, pid: int) -> bool:
+    if str(path) in _LOCKS:
+        return True
+    if kind == "old":
+        return _pid_alive(pid)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True                                      # cannot tell: leave it alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:                                      # no flock here (some network filesystems): the pid
+        return _pid_alive(pid)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False                                     # ours are in _LOCKS; the same pid here is a reused one
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(target: Path) -> None:
+    removed, restored = [], None
+    for path, kind, pid in _leftovers(target):
+        if _in_use(path, kind, pid):
+            continue
+        if kind == "old" and not target.exists() and restored is None:
+            # Killed between moving the old output aside and moving the new one in: put the old one back.
+            os.rename(path, target)
+            restored = path.name
+            continue
+        size = dir_bytes(path)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(f"{path.name} ({format_bytes(size)})")
+    if restored:
+        print(f"llmprune: note: restored {target} from {restored}, left by an earlier run that was killed "
+              "while replacing it", file=sys.stderr)
+    if removed:
+        print(f"llmprune: note: removed leftovers of an earlier killed run beside {target}: {', '.join(removed)}",
+              file=sys.stderr)
+
+
+_LOCKS: dict[str, int] = {}     # temp folders this process is writing -> the fd holding their flock
+
+
 @contextlib.contextmanager
-def output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `path` when the block exits without error."""
-    target = check_output_dir(path, overwrite)
+def output_dir(path: str | os.PathLike, overwrite: bool = False,
+               inputs: Iterable[str | os.PathLike | None] = (),
+               inside_ok: Iterable[str | os.PathLike | None] = (),
+               expected_bytes: int | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `path` when the block exits without error.
+
+    `expected_bytes` (roughly what will be written) makes a disk-full message say how much is needed.
+    """
+    target = check_output_dir(path, overwrite, inputs, inside_ok)
     created = [p for p in reversed(target.parents) if not p.exists()]   # outermost first
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:                 # leave no empty parents behind either
-            shutil.rmtree(created[0], ignore_errors=True)
-        raise
-    # Re-check: the target may have appeared while we worked.
-    if target.exists() and not overwrite:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"output directory {target} appeared while working; pass --overwrite to replace it")
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that decide the numbers, for provenance."""
-    out = {"python": platform.python_version()}
-    for name in ("llmprune", "torch", "transformers", "accelerate", "datasets", "safetensors",
-                 "triton", "lm_eval", "huggingface_hub"):
+    # os.mkdir (not mkdtemp, which makes 0700) so the output's mode follows the umask like `mkdir`.
+    while True:
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            from importlib.metadata import version
-
-            out[name] = version(name.replace("_", "-") if name == "lm_eval" else name)
-        except Exception:  # not installed: leave it out rather than guess
+            os.mkdir(tmp)
+            break
+        except FileExistsError:
             continue
-    return out
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def write_sidecar(directory: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
-    """Write `llmprune.json`. `sidecar` must have at least `kind` (compress|delta|pack)."""
-    if "kind" not in sidecar:
-        raise ValueError("sidecar needs a 'kind'")
-    data = {"format_version": 1, **sidecar}
-    data.setdefault("versions", versions())
-    data.setdefault("command", command_line())
-    path = Path(directory) / SIDECAR_NAME
-    write_json(path, data)
-    return path
-
-
-def read_sidecar(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / SIDECAR_NAME
-    if not path.is_file():
-        raise UserError(f"{directory} is not an llmprune output (no {SIDECAR_NAME}); run `llmprune compress` or `llmprune delta` first")
+    lock = os.open(tmp, os.O_RDONLY)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass                                             # no flock on this filesystem: the pid check remains
+    _LOCKS[str(tmp)] = lock
+    try:
+        try:
+            yield tmp
+        except BaseException as exc:
+            written = dir_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if created:                 # leave no empty parents behind either
+                shutil.rmtree(created[0], ignore_errors=True)
+            from llmprune.io.errors import disk_full_error, is_disk_full
+
+            if is_disk_full(exc):
+                raise disk_full_error(target, written, expected_bytes) from None
+            raise
+        _follow_umask(tmp)
+        # Re-check: the target may have appeared while we worked.
+        if target.exists() and not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"output directory {target} appeared while working; pass --overwrite to replace it")
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        _LOCKS.pop(str(tmp), None)
+        os.close(lock)
 
 
-def command_line() -> str:
-    """The command as the user typed it (best effort), for 'how to reproduce'."""
-    argv = list(sys.argv)
-    if argv and argv[0].endswith(("llmprune", "__main__.py", "cli.py")):
-        argv[0] = "llmprune"
-    import shlex
+def _follow_umask(root: Path) -> None:
+    """Modes as a plain `mkdir`/write under the umask would give: some writers use private temp files
+    (safetensors shards come out 0600), which would make a shared output unreadable to others."""
+    from llmprune.io.files import current_umask
 
-    return " ".join(shlex.quote(a) for a in argv)
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for base, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(base, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(base, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
-def save_model(model, tokenizer, directory: str | os.PathLike, max_shard_size: str = "5GB") -> None:
-    """`save_pretrained` in safetensors with exact zeros: `-0.0` becomes `+0.0`.
+def save_model(model, tokenizer, directory: str | os.PathLike, max_shard_size: str | int = "5GB") -> list[str]:
+    """What `save_pretrained` writes (config, generation config, tokenizer, safetensors shards with
+    the same tensor names), through llmprune's own shard writer, with exact zeros: `-0.0` is
+    written as `+0.0` (masked weights are multiplied by 0, which leaves `-0.0` where the weight was
+    negative; some sparse loaders read the sign bit as "non-zero", vLLM #13198). The model is not
+    modified. Returns the shard file names."""
+    from llmprune.io.checkpoint import save_model_files, state_dict_to_save, write_state_dict
 
-    Masked weights are multiplied by 0, which leaves `-0.0` where the weight was negative; some
-    sparse loaders read the sign bit as "non-zero" (vLLM #13198), so normalise before writing.
-    """
-    import torch
-
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point():
-                # x + 0.0 maps -0.0 to +0.0 and leaves every other value (and NaN) unchanged.
-                param.data.add_(0.0)
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    files = write_state_dict(state_dict_to_save(model), directory, max_shard_size)
+    save_model_files(model, tokenizer, directory)
+    return files

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from llmprune.errors import UserError
+from llmprune.params import signature_params
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LinearStats:
     """Statistics of one linear's inputs over all calibration tokens (float32)."""
     n_tokens: int = 0
     input_sq_norm: torch.Tensor | None = None   # [in]      sum_t x_tj^2   (Wanda)
+    input_sum: torch.Tensor | None = None       # [in]      sum_t x_tj     (means: FLAP, DSnoT)
     hessian: torch.Tensor | None = None         # [in, in]  sum_t x_t x_t^T (SparseGPT; H up to scale)
     # What a method derives from these statistics alone (e.g. SparseGPT's inverse Hessian factor),
     # memoised here: linears that share an input (q/k/v, gate/up) share one LinearStats.
@@ -37,39 +39,23 @@ class LinearStats:
 class MethodSpec:
     name: str
     fn: Callable
-    needs: frozenset[str]                       # subset of {"input_sq_norm", "hessian"}
+    needs: frozenset[str]                       # subset of {"input_sq_norm", "input_sum", "hessian"}
     params: dict[str, inspect.Parameter] = field(default_factory=dict)
     summary: str = ""
-    true_sequential: bool = False               # default calibration schedule (see recipe.Stage)
-
-    def check_params(self, given: dict, where: str, common_keys: tuple[str, ...] = ()) -> dict:
-        """Validate recipe parameters against the function signature; coerce simple types."""
-        out = {}
-        for key, value in given.items():
-            if key not in self.params:
-                allowed = ", ".join([*common_keys, *sorted(self.params)])
-                raise UserError(f"{where}: unknown key '{key}' for method {self.name} (allowed: {allowed})")
-            default = self.params[key].default
-            if default is not None and not isinstance(value, type(default)):
-                try:
-                    value = type(default)(value)
-                except (TypeError, ValueError):
-                    raise UserError(f"{where}: parameter '{key}' of {self.name} must be {type(default).__name__}, got {value!r}") from None
-            out[key] = value
-        return out
+    true_sequential: bool = False               # default calibration schedule (see stages/prune.py)
+    check: Callable | None = None               # check(pattern, params) -> problem text or None (before loading)
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register(name: str, needs: set[str] | frozenset[str] = frozenset(), summary: str = "",
-             true_sequential: bool = False):
+             true_sequential: bool = False, check: Callable | None = None):
     def wrap(fn: Callable) -> Callable:
-        sig = inspect.signature(fn)
-        params = {p.name: p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        params = signature_params(fn)     # the method's recipe keys, validated from their annotations
         METHODS[name] = MethodSpec(name=name, fn=fn, needs=frozenset(needs), params=params,
                                    summary=summary or (fn.__doc__ or "").strip().splitlines()[0],
-                                   true_sequential=true_sequential)
+                                   true_sequential=true_sequential, check=check)
         return fn
     return wrap
 

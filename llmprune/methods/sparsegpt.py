@@ -19,12 +19,14 @@ What is ours (same result, faster):
 from __future__ import annotations
 
 import warnings
+from typing import Annotated
 
 import torch
 
 from llmprune.errors import UserError
 from llmprune.masks import Pattern, num_to_prune
 from llmprune.methods import LinearStats, register
+from llmprune.params import Range
 
 SUB_BLOCK = 32  # columns per inner lazy-update step; a multiple of M is used for N:M
 
@@ -84,15 +86,21 @@ def inverse_factor(stats: LinearStats, device, dtype, dampening: float) -> tuple
 
 # True-sequential by default: the reference code offers it (`--true-sequential`), the per-linear
 # reconstruction is as good (benchmarks/RESULTS.md), and it needs one forward per layer, not two.
-@register("sparsegpt", needs={"hessian"}, summary="OBS reconstruction: prune + update remaining weights (H = XᵀX)",
-          true_sequential=True)
-def sparsegpt(weight: torch.Tensor, stats: LinearStats, pattern: Pattern, *,
-              block_size: int = 128, dampening: float = 0.01) -> torch.Tensor:
-    """Prune with the OBS update, 128-column blocks, dampening 0.01·mean(diag H)."""
-    if block_size < 1 or dampening < 0:
-        raise UserError("sparsegpt: block_size must be >= 1 and dampening >= 0")
+def _check(pattern: Pattern, params: dict) -> str | None:
+    block_size = params.get("block_size", 128)
     if pattern.is_nm and block_size % pattern.m:
-        raise UserError(f"sparsegpt: block_size {block_size} must be a multiple of M={pattern.m} for {pattern}")
+        return f"block_size {block_size} must be a multiple of M={pattern.m} for {pattern}"
+    return None
+
+
+@register("sparsegpt", needs={"hessian"}, summary="OBS reconstruction: prune + update remaining weights (H = XᵀX)",
+          true_sequential=True, check=_check)
+def sparsegpt(weight: torch.Tensor, stats: LinearStats, pattern: Pattern, *,
+              block_size: Annotated[int, Range(1)] = 128,
+              dampening: Annotated[float, Range(0)] = 0.01) -> torch.Tensor:
+    """Prune with the OBS update, 128-column blocks, dampening 0.01·mean(diag H)."""
+    if (problem := _check(pattern, {"block_size": block_size})) is not None:
+        raise UserError(f"sparsegpt: {problem}")
     rows, cols = weight.shape
     device = weight.device
     with _no_tf32():

@@ -1,0 +1,196 @@
+"""Structured pruning on the trained benchmark Llama: perplexity vs parameters removed, per criterion,
+with and without reconstruction; and CPU latency of the smaller models vs dense.
+
+    .venv/bin/python benchmarks/structured_bench.py                          # everything (~15-30 min, 2 cores)
+    .venv/bin/python benchmarks/structured_bench.py --results-md benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/structured_bench.py --no-latency --windows 128
+
+Model: `get_trained_llama()` (benchmarks/tinymodel.py; 4 layers, hidden 256, 8 heads / 4 KV heads, MLP 688,
+trained on the stdlib train split, cached under benchmarks/_cache/). Calibration: `--calib-samples`
+windows of 256 tokens of stdlib train (seed 0), the same for every run. Perplexity: stdlib test,
+non-overlapping 256-token windows (the first `--windows`).
+Latency: prefill (one 256-token sequence) and greedy decode (batch 1, 64 new tokens with KV cache)
+tokens/s, median of `--repeats`, for the trained model and for a larger random-init Llama where
+the matmuls dominate (`--latency-model`), dense vs 25% / 50% width (MLP + heads) vs 1 / 2 layers dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tinymodel import encode_joined, get_trained_llama, heldout_perplexity, replace_results_section  # noqa: E402
+
+import llmprune  # noqa: E402
+from llmprune.calibration.data import calibration_windows, stdlib_texts  # noqa: E402
+
+
+def width_runs(kind: str, keeps: list[float], criteria: list[str]) -> list[dict]:
+    runs = []
+    for keep in keeps:
+        for criterion in criteria:
+            for reconstruct in ((True,) if criterion == "obs" else (True, False)):    # obs selects for the refit
+                runs.append({"group": kind, "stage": {"method": "width", f"{kind}_keep": keep, "criterion": criterion,
+                                                     "reconstruct": reconstruct}})
+    return runs
+
+
+def depth_runs(counts: list[int], criteria: list[str]) -> list[dict]:
+    return [{"group": "depth", "stage": {"method": "layer-drop", "num_layers": n, "criterion": c}}
+            for n in counts for c in criteria]
+
+
+def run_one(model, tokenizer, stage: dict, calib: torch.Tensor, test_tokens, seqlen: int, windows: int) -> dict:
+    pruned = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    pruned, report = llmprune.compress(pruned, tokenizer, {"stages": [stage], "calibration": {"batch_size": 16}},
+                                       calib=calib, device="cpu", progress=False)
+    seconds = time.perf_counter() - t0
+    ppl = heldout_perplexity(pruned, tokenizer, [], seqlen, tokens=test_tokens, max_windows=windows)
+    removed = 1 - report.parameters_after / report.parameters_before
+    return {"ppl": ppl, "removed": removed, "seconds": seconds, "params": report.parameters_after,
+            "chosen": report.stages[0].removed.get("layers")}
+
+
+def label(stage: dict) -> str:
+    if stage["method"] == "layer-drop":
+        return f"drop {stage['num_layers']} ({stage['criterion']})"
+    return f"{stage['criterion']}{'' if stage['reconstruct'] else ' (no recon.)'}"
+
+
+@torch.no_grad()
+def latency(model, seqlen: int, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s): median over repeats, batch 1."""
+    prompt = torch.randint(3, model.config.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
+    prefill, decode = [], []
+    model(prompt[:, :16])                                         # warm-up
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(prompt)
+        prefill.append(seqlen / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        model.generate(prompt[:, :8], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       use_cache=True, pad_token_id=0)
+        decode.append(new_tokens / (time.perf_counter() - t0))
+    return statistics.median(prefill), statistics.median(decode)
+
+
+def latency_table(models: dict[str, torch.nn.Module], seqlen: int, new_tokens: int, repeats: int) -> str:
+    rows = ["| model | parameters | prefill tok/s | x dense | decode tok/s | x dense |", "|---|---|---|---|---|---|"]
+    base = None
+    for name, m in models.items():
+        pf, dc = latency(m, seqlen, new_tokens, repeats)
+        base = base or (pf, dc)
+        params = sum(p.numel() for p in m.parameters())
+        rows.append(f"| {name} | {params / 1e6:.2f}M | {pf:,.0f} | {pf / base[0]:.2f} | {dc:,.1f} | {dc / base[1]:.2f} |")
+    return "\n".join(rows)
+
+
+def smaller_models(model, tokenizer, calib) -> dict[str, torch.nn.Module]:
+    out = {"dense": model}
+    for name, stage in [("width 25% (MLP + heads 0.75)", {"method": "width", "mlp_keep": 0.75, "heads_keep": 0.75}),
+                        ("width 50% (MLP + heads 0.5)", {"method": "width", "mlp_keep": 0.5, "heads_keep": 0.5}),
+                        ("drop 1 layer", {"method": "layer-drop", "num_layers": 1}),
+                        ("drop 2 layers", {"method": "layer-drop", "num_layers": 2})]:
+        out[name], _ = llmprune.compress(copy.deepcopy(model), tokenizer, {"stages": [stage]}, calib=calib,
+                                         device="cpu", progress=False)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=256, help="held-out perplexity windows (256 tokens each)")
+    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--latency-model", default="1024x8", help="HIDDENxLAYERS of the random-init latency Llama")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--results-md", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = get_trained_llama()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    seqlen = 256
+    calib = calibration_windows(tokenizer, stdlib_texts("train"), args.calib_samples, seqlen, 0)
+    test_tokens = encode_joined(tokenizer, stdlib_texts("test"))
+    dense_ppl = heldout_perplexity(model, tokenizer, [], seqlen, tokens=test_tokens, max_windows=args.windows)
+    print(f"dense: held-out ppl {dense_ppl:.3f}", flush=True)
+
+    runs = (width_runs("mlp", [0.75, 0.5], ["activation", "obs", "magnitude", "maw", "random"])
+            + width_runs("heads", [0.75, 0.5], ["activation", "obs", "magnitude", "random"])
+            + depth_runs([1, 2], ["bi", "angular", "ppl"]))
+    results = []
+    for r in runs:
+        out = run_one(model, tokenizer, r["stage"], calib, test_tokens, seqlen, args.windows)
+        results.append({**r, **out})
+        print(f"  {r['group']:5s} {r['stage']}: ppl {out['ppl']:.3f}, {out['removed']:.1%} params removed, "
+              f"{out['seconds']:.1f}s", flush=True)
+
+    tables = []
+    for group, title, knob in (("mlp", "Width, MLP neurons (`--mlp-keep`)", "mlp_keep"),
+                               ("heads", "Width, attention KV groups (`--heads-keep`; 4 KV groups x 2 query heads)",
+                                "heads_keep")):
+        keeps = sorted({r["stage"][knob] for r in results if r["group"] == group}, reverse=True)
+        header = "| criterion | " + " | ".join(f"{knob} {k} ({next(r['removed'] for r in results if r['group'] == group and r['stage'][knob] == k):.1%} params removed)" for k in keeps) + " |"
+        lines = [f"#### {title}", "", header, "|---|" + "---|" * len(keeps)]
+        for name in dict.fromkeys(label(r["stage"]) for r in results if r["group"] == group):
+            cells = [next(f"{r['ppl']:.2f}" for r in results if r["group"] == group and r["stage"][knob] == k
+                          and label(r["stage"]) == name) for k in keeps]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    lines = ["#### Depth (`--method layer-drop`)", "", "| criterion | layers removed | params removed | ppl | time s |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        if r["group"] == "depth":
+            lines.append(f"| {r['stage']['criterion']} | {r['chosen']} | {r['removed']:.1%} | {r['ppl']:.2f} | "
+                         f"{r['seconds']:.1f} |")
+    tables.append("\n".join(lines))
+    quality = "\n\n".join(tables)
+    print(f"\nheld-out perplexity (dense {dense_ppl:.2f}):\n\n{quality}")
+
+    latency_text = ""
+    if not args.no_latency:
+        trained = latency_table(smaller_models(model, tokenizer, calib), seqlen, 64, args.repeats)
+        hidden, layers = (int(x) for x in args.latency_model.split("x"))
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        big = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+                                           num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                                           num_key_value_heads=hidden // 128, max_position_embeddings=1024)).eval()
+        big_calib = torch.randint(3, 8192, (16, 128), generator=torch.Generator().manual_seed(0))
+        medium = latency_table(smaller_models(big, None, big_calib), seqlen, 64, args.repeats)
+        latency_text = (f"#### CPU latency, trained model ({torch.get_num_threads()} threads)\n\n{trained}\n\n"
+                        f"#### CPU latency, random-init Llama {hidden}x{layers} (GQA, 64-dim heads)\n\n{medium}")
+        print("\n" + latency_text)
+
+    if args.results_md:
+        command = "`.venv/bin/python benchmarks/structured_bench.py " + " ".join(sys.argv[1:]) + "`"
+        body = "\n\n".join(x for x in [
+            "## Structured pruning: width and depth (`benchmarks/structured_bench.py`)",
+            f"Command: {command}. Model: the trained stdlib Llama (`get_trained_llama()`, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, dense held-out ppl "
+            f"{dense_ppl:.2f}); calibration {args.calib_samples} x {seqlen} stdlib-train tokens; perplexity on the "
+            f"first {args.windows} stdlib-test windows of {seqlen} tokens. Parameters removed count the whole "
+            f"model (embeddings and head included).",
+            quality, latency_text] if x)
+        replace_results_section(args.results_md, "structured_bench", body)
+        print(f"\nwrote section into {args.results_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
