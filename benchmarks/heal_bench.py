@@ -1,7 +1,7 @@
 """Heal benchmark (issue 12): held-out perplexity of a pruned model without heal and after each heal mode
 at a few step counts (time vs gain), on the trained benchmark Llama.
 
-    .venv/bin/python benchmarks/heal_bench.py                         # SparseGPT 70%, steps 25 and 100
+    .venv/bin/python benchmarks/heal_bench.py                         # 3 cases, steps 25 and 100
     .venv/bin/python benchmarks/heal_bench.py --cases sparsegpt-90 --no-control   # a case with more to recover
     .venv/bin/python benchmarks/heal_bench.py --steps 25 100 --modes perp lora
     .venv/bin/python benchmarks/heal_bench.py --json benchmarks/_out/heal.json
@@ -22,8 +22,9 @@ What is measured
   to convergence, so plain LM-loss healing also continues its pre-training; this row shows how much.
 - Time: heal_model's wall time (one thread), including the teacher's generation for distill-sg.
 
-Structured cases (width 50%, 2 layers dropped) are hooks: fill their recipes into CASES when the
-structured stages land; until then they are listed as skipped.
+Structured cases: width 50% (half the MLP neurons and half the attention heads per layer, activation
+criterion with reconstruction) and 2 of the 4 layers dropped (block influence). Their linears are
+dense, so LoRA merges plainly. A case whose stage is None in CASES is listed as skipped.
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ CASES: dict[str, list[dict] | None] = {
     # This model loses only ~1% perplexity at 70% (it is small and not trained to convergence);
     # 90% costs ~23%, which leaves something to recover.
     "sparsegpt-90": [{"method": "sparsegpt", "sparsity": 0.9}],
-    "width-50": None,          # hook: the structured width stage (MLP/heads at 50%) once it lands
-    "drop-2-layers": None,     # hook: the depth stage dropping 2 of the 4 layers once it lands
+    "width-50": [{"method": "width", "mlp_keep": 0.5, "heads_keep": 0.5}],
+    "drop-2-layers": [{"method": "layer-drop", "num_layers": 2}],
 }
 MODES = ("perp", "lora", "distill", "distill-sg")
 # Learning rates for this 4M model: the best of 1e-3 / 3e-3 / 1e-2 at 40 steps (lora and distill

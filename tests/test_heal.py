@@ -14,6 +14,7 @@ from llmprune.calibration.data import calibration_windows, disjoint_windows
 from llmprune.cli import main
 from llmprune.errors import UserError
 from llmprune.heal import MaskedLoRA, heal_model, mean_nll, perp_parameters
+from llmprune.io.sidecar import describe
 from tiny_models import sample_text, save_tiny, tiny_model, tiny_tokenizer
 
 SEQLEN = 64
@@ -392,15 +393,20 @@ def test_cli_heal_lora_end_to_end(compressed, tmp_path, capsys):
     assert "held-out loss" in printed and "trainable parameters" in printed
     source = json.loads((compressed / "wanda" / "llmprune.json").read_text())
     sidecar = json.loads((out / "llmprune.json").read_text())
-    for key in ("kind", "recipe", "calibration", "sparsity", "base_model"):
+    for key in ("kind", "recipe", "calibration", "base_model"):
         assert sidecar[key] == source[key]
+    assert sidecar["stages"][:-1] == source["stages"]
     stage = sidecar["stages"][-1]
-    assert stage["method"] == "heal" and stage["mode"] == "lora" and stage["steps"] == 3
+    assert stage["method"] == "heal" and stage["kind"] == "heal" and stage["index"] == len(source["stages"])
+    assert stage["mode"] == stage["params"]["mode"] == "lora" and stage["steps"] == stage["params"]["steps"] == 3
+    assert describe(sidecar) == "wanda 2:4 → heal lora 3 steps"
     assert stage["data"]["disjoint_from_calibration"] == {"samples": 4, "seqlen": 32, "seed": 0}
     assert stage["data"]["source"] == source["calibration"]["source"] and stage["data"]["windows"] == 6
     for key in ("loss_before", "loss_after", "trainable_parameters", "seconds", "lr"):
         assert isinstance(stage[key], (int, float))
-    assert stage["sparsity_after"] == pytest.approx(0.5)
+    assert stage["zeros"]["after"] >= stage["zeros"]["before"] > 0
+    assert stage["zeros"]["fraction_after"] == pytest.approx(0.5, abs=1e-3)
+    assert sidecar["sparsity"]["achieved"] == pytest.approx(source["sparsity"]["achieved"], abs=1e-3)
     assert (out / "recipe.yaml").read_text() == (compressed / "wanda" / "recipe.yaml").read_text()
     pruned = AutoModelForCausalLM.from_pretrained(compressed / "wanda")
     healed = AutoModelForCausalLM.from_pretrained(out)
@@ -413,7 +419,8 @@ def test_cli_heal_lora_end_to_end(compressed, tmp_path, capsys):
     assert main(["heal", str(out), "--mode", "perp", "--steps", "2", "--batch-size", "2", "--seqlen", "32",
                  "--eval-samples", "2", "--device", "cpu", "--quiet", "--output", str(again)]) == 0
     stages = json.loads((again / "llmprune.json").read_text())["stages"]
-    assert [s["mode"] for s in stages] == ["lora", "perp"]
+    assert [s["method"] for s in stages] == ["wanda", "heal", "heal"]
+    assert [s["params"].get("mode") for s in stages[1:]] == ["lora", "perp"]
 
 
 def test_cli_heal_distill_uses_base_model_as_teacher(compressed, tmp_path):

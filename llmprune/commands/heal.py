@@ -99,17 +99,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UserError("--alpha only applies to LoRA (--mode lora, or distill with --train lora)")
 
 
-def _is_packed(directory) -> bool:
-    """A packed 2:4 checkpoint stores `<name>.bitmask` tensors (same test as llmprune.kernels)."""
-    from safetensors import safe_open
-
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            if any(k.endswith(".bitmask") for k in f.keys()):
-                return True
-    return False
-
-
 def _teacher_name(args: argparse.Namespace, sidecar: dict) -> str:
     """--teacher, else the sidecar's base model (its local path when it was local, else its Hub id)."""
     from pathlib import Path
@@ -137,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from llmprune.errors import UserError
-    from llmprune.io.save import RECIPE_NAME, check_output_dir, read_sidecar
+    from llmprune.io.save import RECIPE_NAME, check_output_dir
+    from llmprune.io.sidecar import read_sidecar
 
     _check_numbers(args)
     src = Path(args.model).expanduser()
@@ -145,14 +135,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model} is not a model directory (no config.json); give the output of "
                         "`llmprune compress`")
     source = read_sidecar(src)
-    if source.get("kind") == "pack" or source.get("save_format") == "sparse24" or _is_packed(src):
-        raise UserError(f"{args.model} is packed 2:4 (sparse24); heal the dense output of `llmprune compress` "
-                        "(without --save-format sparse24) and pack the healed model with `llmprune pack`")
+    from llmprune.io.checkpoint import packed_checkpoint_info
+
+    if source.get("kind") == "pack" or packed_checkpoint_info(src) is not None:
+        raise UserError(f"{args.model} is packed 2:4 (sparse24); heal needs dense weights: unpack it with "
+                        f"`llmprune pack --unpack {args.model} --output DENSE`, heal DENSE, then pack the result")
     if source.get("kind") == "delta":
         raise UserError(f"{args.model} is a delta-pruning output; heal is for pruned models (`llmprune compress`)")
-    target = check_output_dir(args.output, args.overwrite)
-    if target == src.resolve():
-        raise UserError("--output must differ from DIR (the input is never modified)")
+    target = check_output_dir(args.output, args.overwrite, inputs=[src])   # --overwrite never deletes DIR
 
     from llmprune.calibration.data import check_source
 
@@ -212,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = None
     if args.self_generate:
         prompts, train_ids = train_ids[:, : seqlen // 2], None
+    from llmprune.edits import linear_zeros, parameter_count
+
+    zeros_before, _ = linear_zeros(model)
     result = heal_model(
         model, mode=args.mode, train_ids=train_ids, eval_ids=eval_ids, steps=args.steps, lr=lr,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, seed=args.seed, rank=args.rank,
@@ -220,18 +213,28 @@ def run(args: argparse.Namespace) -> int:
         response_tokens=(seqlen - seqlen // 2) if prompts is not None else None,
         generation="greedy" if args.greedy else "sample", progress=not args.quiet, device=device)
 
-    from llmprune.io.save import command_line, output_dir, save_model, versions, write_sidecar
+    from llmprune.io.save import output_dir, save_model
+    from llmprune.io.sidecar import command_line, stages, write_sidecar
 
-    record = {"method": "heal", **result.to_dict(), "data": windows.spec,
-              "sparsity_after": _sparsity_after(model, source),
-              "input": str(src.resolve()), "command": command_line()}
+    earlier = stages(source)               # format-1 sidecars: their one prune stage, synthesized
+    zeros_after, elements = linear_zeros(model)
+    parameters = parameter_count(model)
+    # The shape of every stage record (llmprune.report.StageRecord.to_dict), then what heal measured.
+    record = {"index": len(earlier), "method": "heal", "kind": "heal", "params": result.params(),
+              "target": None, "achieved": None, "removed": {},
+              "parameters": {"before": parameters, "after": parameters},
+              "zeros": {"before": zeros_before, "after": zeros_after, "linear_elements": elements,
+                        "fraction_after": round(zeros_after / elements, 6) if elements else 0.0},
+              **result.to_dict(), "data": windows.spec}
     if teacher_name is not None:
         record["teacher"] = {"id": teacher_name, "device": teacher_device}
+    record.update(input=str(src.resolve()), command=command_line())
     sidecar = {k: v for k, v in source.items() if k not in ("format_version", "versions")}
-    sidecar["stages"] = [*(source.get("stages") or []), record]
+    sidecar["stages"] = [*earlier, record]
     sidecar["dtype"] = str(save_dtype).replace("torch.", "")
-    sidecar["versions"] = versions()
-    with output_dir(target, args.overwrite) as tmp:
+    if isinstance(sidecar.get("sparsity"), dict):      # the saved model's zeros (they can only have grown)
+        sidecar["sparsity"] = {**sidecar["sparsity"], "achieved": _sparsity_after(model, source)}
+    with output_dir(target, args.overwrite, inputs=[src]) as tmp:
         save_model(model, tokenizer, tmp)
         if (src / RECIPE_NAME).is_file():
             (tmp / RECIPE_NAME).write_text((src / RECIPE_NAME).read_text())

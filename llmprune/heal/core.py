@@ -70,6 +70,15 @@ class HealResult:
     teacher_loss: float | None = None       # distill: the teacher's held-out NLL (the ceiling)
     distill: dict | None = None             # distill: loss, temperature, self_generated, ...
 
+    def params(self) -> dict:
+        """The settings (a recipe stage's keys), as opposed to the measurements."""
+        keys = ("mode", "train", "steps", "lr", "batch_size", "seqlen", "seed", "dtype", "rank", "alpha")
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.distill:
+            out.update({k: v for k, v in self.distill.items()
+                        if k in ("loss", "temperature", "self_generated", "response_tokens", "generation")})
+        return out
+
     def to_dict(self) -> dict:
         out = asdict(self)
         for key in ("loss_before", "loss_after", "teacher_loss", "train_loss_first", "train_loss_last"):
@@ -125,9 +134,11 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
     dtype: training compute dtype, torch.float32 | torch.bfloat16 (or their names); default the
         model's own. bf16 runs the forward under autocast with fp32 trained parameters.
     gradient_checkpointing: recompute activations in backward (HF gradient_checkpointing_enable).
-    masks: {linear name: bool keep_mask [out, in]} of the prunable linears; a listed linear's pruned
-        entries stay zero, unlisted ones are dense. None: a linear with zeros keeps its zeros
-        (mask = W != 0), a linear without zeros is dense (structured outputs: just merged).
+    masks: {module name: bool keep_mask [out, in]} (e.g. `edits.MaskState.by_name(model)`): a listed
+        decoder linear is trained through its mask, an unlisted one as dense; other listed modules (a
+        pruned lm_head) stay frozen, or with train=all keep their pruned entries at zero. None: a decoder
+        linear with zeros keeps its zeros (mask = W != 0), one without is dense (structured outputs:
+        just merged).
     teacher: distill: the unpruned model, on whatever device the caller put it (e.g. CPU offload);
         run under no_grad in its own dtype.
     temperature: distill KL temperature (the loss is scaled by T²).
@@ -161,14 +172,17 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
 
     try:
         linears = prunable_linears(model)
+        # Pruned matrices whose zeros must survive: the given masks (any module: a targeted lm_head
+        # too), else every decoder linear that has zeros.
         if masks is not None:
-            unknown = sorted(set(masks) - set(linears))
+            named = dict(model.named_modules())
+            unknown = sorted(set(masks) - set(named))
             if unknown:
-                raise UserError(f"masks name modules that are not prunable linears of this model: "
-                                f"{', '.join(unknown[:3])}")
-        masked_names = (sorted(masks) if masks is not None
-                        else [n for n, m in linears.items() if (weight_2d(m) == 0).any()])
-        zeros_before = {name: int((weight_2d(linears[name]) == 0).sum()) for name in masked_names}
+                raise UserError(f"masks name modules this model does not have: {', '.join(unknown[:3])}")
+            masked = {name: named[name] for name in sorted(masks)}
+        else:
+            masked = {n: m for n, m in linears.items() if (weight_2d(m) == 0).any()}
+        zeros_before = {name: int((weight_2d(m) == 0).sum()) for name, m in masked.items()}
 
         fork_devices = [target_device.index or 0] if target_device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices):
@@ -197,7 +211,8 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
                 keep_masks: dict[str, torch.Tensor] = {}      # train=all: [out, in] per masked linear
                 layout_keep: dict[str, torch.Tensor] = {}     # ... in the parameter's own layout
                 if train == "lora":
-                    wrappers = attach_lora(model, linears, rank, alpha, masks, generator)
+                    lora_masks = None if masks is None else {n: k for n, k in masks.items() if n in linears}
+                    wrappers = attach_lora(model, linears, rank, alpha, lora_masks, generator)
                     trainable = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
                 elif train == "perp":
                     trainable = list(perp_parameters(model).values())
@@ -205,8 +220,7 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
                         raise UserError("this model has no normalisation weights or biases to train (perp)")
                 else:   # all: every parameter; pruned entries get zero gradient and are re-zeroed after each step
                     trainable = list(params.values())
-                    for name in masked_names:
-                        module = linears[name]
+                    for name, module in masked.items():
                         keep = masks[name].to(module.weight.device) if masks is not None else weight_2d(module) != 0
                         keep_masks[name] = keep
                         # The hook sees the gradient in the parameter's own layout (GPT-2 Conv1D: [in, out]);
@@ -218,7 +232,7 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
                         p.data = p.data.float()                         # fp32 masters for what is trained
                     p.requires_grad_(True)
                 for name, keep in layout_keep.items():
-                    grad_hooks.append(linears[name].weight.register_hook(lambda g, k=keep: g * k))
+                    grad_hooks.append(masked[name].weight.register_hook(lambda g, k=keep: g * k))
                 trainable_parameters = sum(p.numel() for p in trainable)
 
                 if gradient_checkpointing and not was_checkpointing:
@@ -244,7 +258,7 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
                 def after_step() -> None:
                     with torch.no_grad():
                         for name, keep in keep_masks.items():
-                            weight_2d(linears[name]).mul_(keep)
+                            weight_2d(masked[name]).mul_(keep)
 
                 desc = f"heal {mode}" + (f" ({train})" if mode == "distill" else "")
                 losses = _train(model, trainable, sequences, loss_mask, steps, lr, batch_size, micro, generator,
@@ -267,7 +281,7 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
                     if p.grad is not None:
                         p.grad = None
 
-        _check_zeros_kept(linears, masked_names, masks or keep_masks, zeros_before)
+        _check_zeros_kept(masked, masks or keep_masks, zeros_before)
         loss_after = mean_nll(model, eval_ids, micro)
     finally:
         model.to(orig_device)      # also when training failed
@@ -286,8 +300,8 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
         seconds=time.perf_counter() - t0, seqlen=int(sequences.shape[1]), train_windows=int(sequences.shape[0]),
         eval_windows=int(eval_ids.shape[0]), rank=rank if train == "lora" else None,
         alpha=alpha if train == "lora" else None, train_loss_first=losses[0], train_loss_last=sum(last) / len(last),
-        masked_modules=len(masked_names) if train != "perp" else 0,
-        dense_modules=(len(linears) - len(masked_names)) if train != "perp" else 0,
+        masked_modules=len([n for n in masked if n in linears]) if train != "perp" else 0,
+        dense_modules=len([n for n in linears if n not in masked]) if train != "perp" else 0,
         teacher_loss=teacher_loss, distill=distill,
     )
 
@@ -365,11 +379,11 @@ def _cast_params(params, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _check_zeros_kept(linears: dict[str, nn.Module], masked_names: list[str], masks: dict[str, torch.Tensor],
+def _check_zeros_kept(masked: dict[str, nn.Module], masks: dict[str, torch.Tensor],
                       zeros_before: dict[str, int]) -> None:
     """Every pruned weight is still exactly zero (exact against a mask when there is one)."""
-    for name in masked_names:
-        weight = weight_2d(linears[name])
+    for name, module in masked.items():
+        weight = weight_2d(module)
         keep = masks.get(name)
         if keep is not None and bool((weight[~keep.to(weight.device)] != 0).any()):
             raise RuntimeError(f"heal changed pruned weights of {name}; the sparsity pattern was not kept")
