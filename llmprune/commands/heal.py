@@ -115,7 +115,7 @@ def _teacher_name(args: argparse.Namespace, sidecar: dict) -> str:
         return path
     if model_id and Path(str(model_id)).expanduser().is_dir():
         return model_id
-    if model_id and not base.get("local") and model_id not in ("tensor",):
+    if model_id and not base.get("local"):
         return resolve_model_path(model_id)      # a Hub id (loading it fails clearly when offline)
     raise UserError(f"the base model recorded in {args.model}/llmprune.json ({path or model_id or 'none'}) is not "
                     "available; give the unpruned model with --teacher")
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     sidecar["stages"] = [*earlier, record]
     sidecar["dtype"] = str(save_dtype).replace("torch.", "")
     if isinstance(sidecar.get("sparsity"), dict):      # the saved model's zeros (they can only have grown)
-        sidecar["sparsity"] = {**sidecar["sparsity"], "achieved": _sparsity_after(model, source)}
+        sidecar["sparsity"] = _sparsity_after(model, sidecar["sparsity"])
     with output_dir(target, args.overwrite, inputs=[src]) as tmp:
         save_model(model, tokenizer, tmp)
         if (src / RECIPE_NAME).is_file():
@@ -245,15 +245,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sparsity_after(model, source: dict) -> float | None:
-    """Achieved sparsity over the modules DIR's sidecar lists (zeros can only have grown)."""
+def _sparsity_after(model, sparsity: dict) -> dict:
+    """DIR's `sparsity` section with `achieved` (overall and per module) measured on the healed model."""
     from llmprune.arch import weight_2d
 
-    names = list(((source.get("sparsity") or {}).get("modules") or {}))
-    modules = dict(model.named_modules())
-    weights = [weight_2d(modules[n]) for n in names if n in modules]
-    total = sum(w.numel() for w in weights)
-    return round(sum(int((w == 0).sum()) for w in weights) / total, 6) if total else None
+    named = dict(model.named_modules())
+    modules = {}
+    zeros = total = 0
+    for name, entry in (sparsity.get("modules") or {}).items():
+        if name not in named or not isinstance(entry, dict):
+            continue
+        weight = weight_2d(named[name])
+        module_zeros = int((weight == 0).sum())
+        modules[name] = {**entry, "achieved": round(module_zeros / weight.numel(), 6)}
+        zeros, total = zeros + module_zeros, total + weight.numel()
+    if not total:
+        return sparsity
+    return {**sparsity, "achieved": round(zeros / total, 6), "modules": modules}
 
 
 def _summary(result, seqlen: int, wall_s: float) -> str:
