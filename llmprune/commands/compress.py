@@ -37,7 +37,7 @@ def register(sub) -> None:
     depth.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=None,
                        help="never remove layer 0 (default on)")
     p.add_argument("--criterion", default=None,
-                   help="width: activation | magnitude | maw | random (default activation); "
+                   help="width: activation | obs | magnitude | maw | random (default activation); "
                         "layer-drop: bi | angular | ppl (default bi)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
@@ -58,6 +58,9 @@ def register(sub) -> None:
                    help="largest safetensors shard written, e.g. 5GB, 5G, 500MiB (default: 5GB)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the output to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--base-model", metavar="HUB_ID", default=None,
+                   help="the Hub id MODEL stands for, recorded as the base model in llmprune.json and the model "
+                        "card (for a local copy; a Hub cache snapshot folder is recognised without it)")
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
     p.set_defaults(func=run)
 
@@ -130,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
     needs_calib = recipe.needs_calibration()
     if needs_calib:
         check_source(recipe.calibration.data, check_hub=False)   # a bad path now; Hub sources below
+    if args.base_model is not None:
+        from llmprune.io.hub import check_repo_id
+
+        args.base_model = check_repo_id(args.base_model, "--base-model")
     if args.push_to_hub:
         from llmprune.io.hub import check_push_ready, check_repo_id
 
@@ -187,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         model.to(save_dtype)
 
     base = base_model_entry(args.model, revision=model_revision(model) or args.revision,
-                            model_type=model.config.model_type)
+                            model_type=model.config.model_type, hub_id=args.base_model)
     sidecar = compress_sidecar(report, base, dtype=str(model.dtype).replace("torch.", ""),
                                save_format=args.save_format)
     with output_dir(args.output, args.overwrite, inputs=inputs,

@@ -93,6 +93,10 @@ def explain(exc: BaseException, where: str | os.PathLike | None = None) -> UserE
         return disk_full_error(getattr(exc, "filename", None) or where or os.getcwd())
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         top = exc.name.split(".")[0]
+        if top == "llmprune":
+            # one of our own modules is missing: a broken install, not a package the user should add
+            return UserError(f"this llmprune install is incomplete ({exc.name} is missing); reinstall it with "
+                             "pip install --force-reinstall llmprune (or pip install -e . in a checkout)")
         return UserError(f"the Python package {top!r} is needed here but not installed; "
                          f"pip install {_PIP_NAMES.get(top, top)}")
     if "Weights only load failed" in text or "UnpicklingError" in type(exc).__name__:
@@ -115,17 +119,3 @@ def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
 
-
-def render_card_checked(directory: str | os.PathLike, repo_id: str | None = None) -> str:
-    """`render_card`, with a sidecar or eval results of the wrong layout (hand-edited, another tool's)
-    reported as one line naming the files instead of an internal error."""
-    from llmprune.io.card import EVAL_RESULTS, render_card
-
-    try:
-        return render_card(directory, repo_id=repo_id)
-    except (AttributeError, TypeError, KeyError, IndexError) as exc:
-        files = [Path(directory) / "llmprune.json"]
-        if (Path(directory) / EVAL_RESULTS).is_file():
-            files.append(Path(directory) / EVAL_RESULTS)
-        raise UserError(f"{' or '.join(map(str, files))} does not have the layout llmprune writes "
-                        f"({type(exc).__name__}: {_first_line(exc)}); rerun the command that wrote it") from exc
