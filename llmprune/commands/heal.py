@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
             (tmp / RECIPE_NAME).write_text((src / RECIPE_NAME).read_text())
         write_sidecar(tmp, sidecar)
 
-    print(_summary(result, seqlen, time.perf_counter() - t0))
+    print(_summary(result, time.perf_counter() - t0))
     print(f"wrote {args.output}")
     return 0
 
@@ -264,21 +264,7 @@ def _sparsity_after(model, sparsity: dict) -> dict:
     return {**sparsity, "achieved": round(zeros / total, 6), "modules": modules}
 
 
-def _summary(result, seqlen: int, wall_s: float) -> str:
-    import math
-
-    what = {"perp": "norms and biases", "lora": f"masked LoRA rank {result.rank}", "all": "all weights (masked)"}
-    rows = [
-        ("heal", f"{result.mode} ({what[result.train]}): {result.steps} steps × {result.batch_size} windows × "
-                 f"{seqlen} tokens, lr {result.lr:g}, {result.dtype}"),
-        ("trainable parameters", f"{result.trainable_parameters:,} of {result.total_parameters:,} "
-                                 f"({result.trainable_parameters / result.total_parameters:.3%})"),
-        ("held-out loss", f"{result.loss_before:.4f} -> {result.loss_after:.4f}  (perplexity "
-                          f"{math.exp(result.loss_before):.2f} -> {math.exp(result.loss_after):.2f}, "
-                          f"{result.eval_windows} windows)"),
-    ]
-    if result.teacher_loss is not None:
-        rows.append(("teacher loss", f"{result.teacher_loss:.4f}  (perplexity {math.exp(result.teacher_loss):.2f})"))
-    rows.append(("time", f"{result.seconds:.1f}s training · {wall_s:.1f}s in all"))
+def _summary(result, wall_s: float) -> str:
+    rows = result.summary_rows() + [("time", f"{result.seconds:.1f}s training · {wall_s:.1f}s in all")]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

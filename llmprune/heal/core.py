@@ -79,6 +79,22 @@ class HealResult:
                         if k in ("loss", "temperature", "self_generated", "response_tokens", "generation")})
         return out
 
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """(label, text) rows for a summary: what was trained, held-out loss before/after, time."""
+        what = {"perp": "norms and biases", "lora": f"masked LoRA rank {self.rank}", "all": "all weights (masked)"}
+        rows = [
+            ("heal", f"{self.mode} ({what[self.train]}): {self.steps} steps × {self.batch_size} windows × "
+                     f"{self.seqlen} tokens, lr {self.lr:g}, {self.dtype}"),
+            ("trainable parameters", f"{self.trainable_parameters:,} of {self.total_parameters:,} "
+                                     f"({self.trainable_parameters / self.total_parameters:.3%})"),
+            ("held-out loss", f"{self.loss_before:.4f} -> {self.loss_after:.4f}  (perplexity "
+                              f"{math.exp(self.loss_before):.2f} -> {math.exp(self.loss_after):.2f}, "
+                              f"{self.eval_windows} windows)"),
+        ]
+        if self.teacher_loss is not None:
+            rows.append(("teacher loss", f"{self.teacher_loss:.4f}  (perplexity {math.exp(self.teacher_loss):.2f})"))
+        return rows
+
     def to_dict(self) -> dict:
         out = asdict(self)
         for key in ("loss_before", "loss_after", "teacher_loss", "train_loss_first", "train_loss_last"):
