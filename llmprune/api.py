@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from llmprune.arch import decoder_layers, is_linear, spec_for, weight_2d
+from llmprune.arch import Matrix, decoder_matrices, spec_for, weight_2d
 from llmprune.calibration.sets import CalibrationSet, calibration_set
 from llmprune.edits import MaskState, parameter_count, verify_config
 from llmprune.errors import UserError
@@ -111,15 +111,15 @@ def teacher_loader(model: nn.Module, recipe: Recipe, teacher) -> Callable[[], nn
 
 
 def final_modules(model: nn.Module, masks: MaskState) -> dict[str, ModuleResult]:
-    """Every linear of the final model's decoder layers (and any pruned head): shape, the pattern it was
+    """Every matrix of the final model's decoder layers (linears, routers, each expert's slices of the
+    fused 3-D expert parameters, `arch.decoder_matrices`) and any pruned head: shape, the pattern it was
     pruned to (None: not pruned), achieved sparsity."""
-    prefix = spec_for(model).layers
-    out = {}
-    candidates = {f"{prefix}.{i}.{n}": m for i, layer in enumerate(decoder_layers(model))
-                  for n, m in layer.named_modules() if n and is_linear(m)}
+    candidates = dict(decoder_matrices(model))
     candidates.update({n: m for n, m in model.named_modules() if m in masks.targets and n not in candidates})
-    for name, module in candidates.items():
-        weight = weight_2d(module)
-        out[name] = ModuleResult(shape=tuple(weight.shape), target=masks.targets.get(module),
+    out = {}
+    for name, target in candidates.items():
+        weight = weight_2d(target)
+        key = target.key if isinstance(target, Matrix) else target
+        out[name] = ModuleResult(shape=tuple(weight.shape), target=masks.targets.get(key),
                                  achieved=sparsity_of(weight))
     return out

@@ -165,6 +165,8 @@ class CompressReport:
         for r in self.stages:
             if r.modules:
                 lines += ["", f"stage {r.index} ({r.method}) per module type:"] + _module_table(r)
+            if isinstance(r.scores.get("kept"), dict):      # expert-drop: kept experts per MoE layer
+                lines += ["", f"stage {r.index} ({r.method}) per MoE layer:"] + _kept_experts_table(r)
             if r.summary_lines:
                 lines += ["", f"stage {r.index} ({r.method}):"] + [f"  {line}" for line in r.summary_lines]
         lines.append("")
@@ -181,10 +183,11 @@ class CompressReport:
 
 
 def _module_table(record: StageRecord) -> list[str]:
-    """Per module type (last name component): target vs achieved sparsity."""
+    """Per module type (last name component; an expert slice `...gate_up_proj[5]` counts as `gate_up_proj`):
+    target vs achieved sparsity."""
     groups: dict[str, list[ModuleResult]] = {}
     for name, r in record.modules.items():
-        groups.setdefault(name.rsplit(".", 1)[-1], []).append(r)
+        groups.setdefault(name.rsplit(".", 1)[-1].split("[", 1)[0], []).append(r)
     rows = [("module", "count", "target", "achieved")]
     for kind, items in groups.items():
         targets = sorted({str(r.target) for r in items})
@@ -197,4 +200,15 @@ def _module_table(record: StageRecord) -> list[str]:
         achieved = sum(r.achieved * r.shape[0] * r.shape[1] for r in items) / numel
         rows.append((kind, str(len(items)), target, f"{achieved:.4f}"))
     rows.append(("all targeted", str(len(record.modules)), str(record.target), f"{record.sparsity:.4f}"))
+    return _table(rows)
+
+
+def _kept_experts_table(record: StageRecord) -> list[str]:
+    """Per MoE layer: the kept experts (original numbering) and the share of routed calibration tokens
+    the removed experts received before the drop."""
+    removed = record.scores.get("routed_share_removed") or {}
+    rows = [("layer", "kept experts", "routed share of removed experts")]
+    for layer, kept in record.scores["kept"].items():
+        share = removed.get(layer)
+        rows.append((str(layer), " ".join(map(str, kept)), f"{share:.1%}" if share is not None else "-"))
     return _table(rows)

@@ -10,12 +10,12 @@ from llmprune.commands import add_model_args
 
 def register(sub) -> None:
     p = sub.add_parser("compress", help="prune a model: zeros (magnitude, Wanda, SparseGPT) or a smaller model "
-                                        "(width, layer-drop)",
+                                        "(width, layer-drop, expert-drop)",
                        description="Compress MODEL (a Hub id, a local save_pretrained dir, or llmprune-tiny) "
                                    "layer by layer and write a loadable checkpoint to --output.")
     p.add_argument("model", help="Hub id, local directory, or the embedded 'llmprune-tiny'")
-    p.add_argument("--method", help="magnitude | wanda | sparsegpt (zeros), width | layer-drop (smaller model); "
-                                    "or use --recipe")
+    p.add_argument("--method", help="magnitude | wanda | sparsegpt (zeros), width | layer-drop | expert-drop "
+                                    "(smaller model); or use --recipe")
     p.add_argument("--sparsity", help="fraction like 0.5 (unstructured) or N:M like 2:4 (N zeros per M inputs)")
     p.add_argument("--recipe", help="a named recipe (see `llmprune recipes`) or a YAML file")
     p.add_argument("--allocation", choices=("uniform", "owl", "global"), default=None,
@@ -36,9 +36,20 @@ def register(sub) -> None:
     depth.add_argument("--layer-fraction", type=float, default=None, help="fraction of decoder layers to remove")
     depth.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=None,
                        help="never remove layer 0 (default on)")
+    experts = p.add_argument_group("MoE experts (--method expert-drop)")
+    experts.add_argument("--experts-keep", type=int, default=None, help="routed experts kept in every MoE layer")
+    experts.add_argument("--expert-ratio", type=float, default=None,
+                         help="fraction of routed experts kept in every MoE layer (0.75 of 8 = 6)")
+    experts.add_argument("--merge-mode", choices=("reroute-fit", "fold-fit", "average"), default=None,
+                         help="criterion merge: how the kept experts absorb the removed ones (default reroute-fit)")
+    experts.add_argument("--merge-base", choices=("reap", "frequency", "router-weight", "reconstruction", "random"),
+                         default=None, help="criterion merge: which experts are kept (default reap)")
+    experts.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=None,
+                         help="calibrate each MoE layer on the already-pruned earlier layers' outputs (default on)")
     p.add_argument("--criterion", default=None,
                    help="width: activation | obs | magnitude | maw | random (default activation); "
-                        "layer-drop: bi | angular | ppl (default bi)")
+                        "layer-drop: bi | angular | ppl (default bi); expert-drop: merge | reap | frequency | "
+                        "router-weight | reconstruction | random (default merge)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
     p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
@@ -70,7 +81,9 @@ STAGE_FLAGS = {"allocation": "allocation", "owl_m": "owl_m", "owl_lambda": "owl_
                "targets": "targets", "ignore": "ignore", "true_sequential": "true_sequential",
                "mlp_keep": "mlp_keep", "heads_keep": "heads_keep", "round_to": "round_to",
                "reconstruct": "reconstruct", "num_layers": "num_layers", "layer_fraction": "layer_fraction",
-               "keep_first": "keep_first", "criterion": "criterion"}
+               "keep_first": "keep_first", "criterion": "criterion", "experts_keep": "experts_keep",
+               "expert_ratio": "expert_ratio", "merge_mode": "merge_mode", "merge_base": "merge_base",
+               "progressive": "progressive"}
 
 
 def _flag(key: str) -> str:
