@@ -281,3 +281,29 @@ def test_refusals_at_run_time(trained, text_file):
         run(trained, text_file, {"method": "wanda", "sparsity": 0.5}, stage, calib=ids)
     with pytest.raises(UserError, match="needs the tokenizer"):
         llmprune.compress(copy.deepcopy(trained), None, recipe(text_file, stage), progress=False, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# MoE: experts' slices of fused 3-D parameters and routers keep their zeros
+
+
+@pytest.mark.parametrize("heal", [{"mode": "lora"}, {"mode": "distill", "train": "all"}])
+def test_moe_expert_slices_and_router_keep_their_zeros(text_file, heal):
+    from llmprune.arch import decoder_matrices
+
+    model = tiny_model("mixtral")
+    prune = [{"method": "magnitude", "sparsity": "2:4"},
+             {"method": "magnitude", "sparsity": 0.5, "targets": r"mlp\.gate$"}]     # the routers too
+    pruned, _ = run(model, text_file, *prune)
+    before = {name: weight_2d(m).clone() for name, m in decoder_matrices(pruned).items()}
+    assert any("experts.gate_up_proj[" in n for n in before) and any(n.endswith("mlp.gate") for n in before)
+    healed, report = run(model, text_file, *prune, {"method": "heal", "steps": 3, "batch_size": 2,
+                                                    "eval_samples": 2, "lr": 1e-3, **heal})
+    for name, matrix in decoder_matrices(healed).items():
+        weight, old = weight_2d(matrix), before[name]
+        assert torch.all(weight[old == 0] == 0), name
+        if "experts." in name:
+            assert torch.all((weight == 0).view(weight.shape[0], -1, 4).sum(-1) >= 2), name
+            # lora trains the linears only (fused experts stay frozen); train=all trains the kept entries
+            assert torch.equal(weight, old) == (heal["mode"] == "lora"), name
+    assert heal_of(report).zeros_after == heal_of(report).zeros_before

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmprune.arch import prunable_linears, weight_2d
+from llmprune.arch import Matrix, decoder_matrices, prunable_linears, weight_2d
 from llmprune.errors import UserError
 from llmprune.heal.distill import GENERATIONS, generate_responses, kl_sum
 from llmprune.heal.lora import MaskedLoRA, attach_lora, detach_lora, merge_lora
@@ -150,11 +150,12 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
     dtype: training compute dtype, torch.float32 | torch.bfloat16 (or their names); default the
         model's own. bf16 runs the forward under autocast with fp32 trained parameters.
     gradient_checkpointing: recompute activations in backward (HF gradient_checkpointing_enable).
-    masks: {module name: bool keep_mask [out, in]} (e.g. `edits.MaskState.by_name(model)`): a listed
-        decoder linear is trained through its mask, an unlisted one as dense; other listed modules (a
-        pruned lm_head) stay frozen, or with train=all keep their pruned entries at zero. None: a decoder
-        linear with zeros keeps its zeros (mask = W != 0), one without is dense (structured outputs:
-        just merged).
+    masks: {matrix name: bool keep_mask [out, in]} (e.g. `edits.MaskState.by_name(model)`; MoE experts'
+        slices as `...experts.gate_up_proj[5]`, `arch.decoder_matrices`): a listed decoder linear is
+        trained through its mask, an unlisted one as dense; other listed matrices (experts' slices,
+        routers, a pruned lm_head) stay frozen, or with train=all keep their pruned entries at zero.
+        None: a decoder matrix with zeros keeps its zeros (mask = W != 0), one without is dense
+        (structured outputs: just merged).
     teacher: distill: the unpruned model, on whatever device the caller put it (e.g. CPU offload);
         run under no_grad in its own dtype.
     temperature: distill KL temperature (the loss is scaled by T²).
@@ -188,16 +189,18 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
 
     try:
         linears = prunable_linears(model)
-        # Pruned matrices whose zeros must survive: the given masks (any module: a targeted lm_head
-        # too), else every decoder linear that has zeros.
+        # Pruned matrices whose zeros must survive (handles for weight_2d: linears, MoE experts' slices
+        # of fused 3-D parameters, routers, a targeted lm_head): the given masks, else every decoder
+        # matrix that has zeros.
+        matrices = decoder_matrices(model)
         if masks is not None:
             named = dict(model.named_modules())
-            unknown = sorted(set(masks) - set(named))
+            unknown = sorted(n for n in masks if n not in matrices and n not in named)
             if unknown:
-                raise UserError(f"masks name modules this model does not have: {', '.join(unknown[:3])}")
-            masked = {name: named[name] for name in sorted(masks)}
+                raise UserError(f"masks name matrices this model does not have: {', '.join(unknown[:3])}")
+            masked = {name: matrices.get(name) or named[name] for name in sorted(masks)}
         else:
-            masked = {n: m for n, m in linears.items() if (weight_2d(m) == 0).any()}
+            masked = {n: m for n, m in matrices.items() if (weight_2d(m) == 0).any()}
         zeros_before = {name: int((weight_2d(m) == 0).sum()) for name, m in masked.items()}
 
         fork_devices = [target_device.index or 0] if target_device.type == "cuda" else []
@@ -224,8 +227,8 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
                     p.requires_grad_(False)
                 if _PRECISION[compute_dtype] > min(_PRECISION[d] for d in orig_dtype.values()):
                     _cast_params(params.values(), compute_dtype)       # e.g. a bf16 checkpoint trained in fp32
-                keep_masks: dict[str, torch.Tensor] = {}      # train=all: [out, in] per masked linear
-                layout_keep: dict[str, torch.Tensor] = {}     # ... in the parameter's own layout
+                keep_masks: dict[str, torch.Tensor] = {}      # train=all: [out, in] per masked matrix
+                param_keep: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}   # ... per parameter, its layout
                 if train == "lora":
                     lora_masks = None if masks is None else {n: k for n, k in masks.items() if n in linears}
                     wrappers = attach_lora(model, linears, rank, alpha, lora_masks, generator)
@@ -236,19 +239,21 @@ def heal_model(model: nn.Module, *, mode: str, train_ids: torch.Tensor | None, e
                         raise UserError("this model has no normalisation weights or biases to train (perp)")
                 else:   # all: every parameter; pruned entries get zero gradient and are re-zeroed after each step
                     trainable = list(params.values())
-                    for name, module in masked.items():
-                        keep = masks[name].to(module.weight.device) if masks is not None else weight_2d(module) != 0
+                    for name, handle in masked.items():
+                        weight = weight_2d(handle)
+                        keep = masks[name].to(weight.device) if masks is not None else weight != 0
                         keep_masks[name] = keep
-                        # The hook sees the gradient in the parameter's own layout (GPT-2 Conv1D: [in, out]);
-                        # weight_2d is a transposed view exactly when the strides differ.
-                        transposed = weight_2d(module).stride() != module.weight.stride()
-                        layout_keep[name] = keep.t() if transposed else keep
+                        # The hook sees the gradient of the whole parameter, in its own layout (GPT-2
+                        # Conv1D: [in, out]; fused experts: [experts, out, in], this matrix at `expert`).
+                        param, expert, transposed = _parameter_of(handle)
+                        full = param_keep.setdefault(id(param), (param, torch.ones_like(param, dtype=torch.bool)))[1]
+                        (full if expert is None else full[expert]).copy_(keep.t() if transposed else keep)
                 for p in trainable:
                     if p.dtype != torch.float32:
                         p.data = p.data.float()                         # fp32 masters for what is trained
                     p.requires_grad_(True)
-                for name, keep in layout_keep.items():
-                    grad_hooks.append(masked[name].weight.register_hook(lambda g, k=keep: g * k))
+                for param, keep in param_keep.values():
+                    grad_hooks.append(param.register_hook(lambda g, k=keep: g * k))
                 trainable_parameters = sum(p.numel() for p in trainable)
 
                 if gradient_checkpointing and not was_checkpointing:
@@ -393,6 +398,17 @@ def _cast_params(params, dtype: torch.dtype) -> None:
     for p in params:
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
+
+
+def _parameter_of(handle: nn.Module | Matrix) -> tuple[nn.Parameter, int | None, bool]:
+    """The parameter holding a matrix, the expert index into it (a fused 3-D expert parameter) and
+    whether the matrix is stored transposed (GPT-2 Conv1D)."""
+    if isinstance(handle, Matrix):
+        if handle.expert is not None or handle.role == "router":
+            return getattr(handle.module, handle.param), handle.expert, False
+        handle = handle.module
+    # weight_2d is a transposed view exactly when the strides differ.
+    return handle.weight, None, weight_2d(handle).stride() != handle.weight.stride()
 
 
 def _check_zeros_kept(masked: dict[str, nn.Module], masks: dict[str, torch.Tensor],

@@ -10,9 +10,11 @@ model (`StageContext.teacher`: the API's `teacher=`, by default a copy of the in
 first stage; the CLI reloads MODEL) the teacher.
 
 Masks: the keep-masks the earlier stages recorded (`ctx.masks`) are held exactly: every zero stays
-zero, and an N:M target is re-checked on the weights before the stage returns. A decoder linear that
+zero, and an N:M target is re-checked on the weights before the stage returns. A decoder matrix that
 no stage masked but that has zeros (an already-pruned input) keeps its zeros too; one without zeros
-(structured outputs: sliced, not masked) is trained densely and just merged.
+(structured outputs: sliced, not masked) is trained densely and just merged. MoE experts' slices of
+fused 3-D parameters and routers are not LoRA targets (they stay frozen in perp/lora); distill with
+`train: all` trains them with their pruned entries held at zero.
 
 Data: `data`, by default the calibration source of this run, in windows disjoint from its calibration
 windows (`heal_windows`); `eval_samples` further disjoint windows give the held-out loss before/after.
@@ -25,7 +27,7 @@ from typing import Annotated, Literal
 import torch
 from torch import nn
 
-from llmprune.arch import prunable_linears, weight_2d
+from llmprune.arch import decoder_matrices, weight_2d
 from llmprune.errors import UserError
 from llmprune.params import Range
 from llmprune.report import StageRecord
@@ -181,13 +183,13 @@ def _train_dtype(model: nn.Module, dtype: str, device: str) -> torch.dtype:
 
 
 def keep_masks(model: nn.Module, recorded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The masks heal holds: every recorded keep-mask (a kept weight may be exactly zero), and for a decoder
-    linear no stage masked, its zeros (an input that was pruned before this run). Linears without zeros
-    are left out: they train densely."""
+    """The masks heal holds, by matrix name: every recorded keep-mask (a kept weight may be exactly zero),
+    and for a decoder matrix no stage masked (a linear, an expert's slice, a router), its zeros (an input
+    that was pruned before this run). Matrices without zeros are left out: they train densely."""
     masks = dict(recorded)
-    for name, module in prunable_linears(model).items():
+    for name, matrix in decoder_matrices(model).items():
         if name not in masks:
-            weight = weight_2d(module)
+            weight = weight_2d(matrix)
             if bool((weight == 0).any()):
                 masks[name] = (weight != 0).cpu()
     return masks
@@ -197,14 +199,16 @@ def check_nm_kept(model: nn.Module, masks) -> None:
     """Every matrix an earlier stage pruned to N:M still has N zeros in every group of M inputs."""
     from llmprune.masks import parse_pattern
 
-    names = {m: n for n, m in model.named_modules()}
-    for module, target in masks.targets.items():
-        if module not in names or not (isinstance(target, str) and ":" in target):
-            continue
+    handles = {m: (n, m) for n, m in model.named_modules()}                # a targeted lm_head
+    handles.update({matrix.key: (name, matrix) for name, matrix in decoder_matrices(model).items()})
+    for key, target in masks.targets.items():
+        if key not in handles or not (isinstance(target, str) and ":" in target):
+            continue                                    # gone (an earlier structured edit) or not N:M
+        name, handle = handles[key]
         pattern = parse_pattern(target)
-        weight = weight_2d(module)                                         # [out, in]
+        weight = weight_2d(handle)                                         # [out, in]
         if weight.shape[1] % pattern.m:
             continue                # columns past the last full group were never N:M (the prune stage decides)
         zeros = (weight == 0).view(weight.shape[0], -1, pattern.m).sum(-1)  # [out, in/m]
         if bool((zeros < pattern.n).any()):
-            raise RuntimeError(f"heal broke the {target} pattern of {names[module]}")
+            raise RuntimeError(f"heal broke the {target} pattern of {name}")
