@@ -247,9 +247,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _sparsity_after(model, sparsity: dict) -> dict:
     """DIR's `sparsity` section with `achieved` (overall and per module) measured on the healed model."""
-    from llmprune.arch import weight_2d
+    from llmprune.arch import decoder_matrices, weight_2d
 
-    named = dict(model.named_modules())
+    named = {**dict(model.named_modules()), **decoder_matrices(model)}     # MoE experts' slices by their names
     modules = {}
     zeros = total = 0
     for name, entry in (sparsity.get("modules") or {}).items():
