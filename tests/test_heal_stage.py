@@ -250,7 +250,8 @@ def test_cli_same_seed_same_checkpoint(cli_root, tmp_path):
     outs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         path = cli_root / f"r{seed}.yaml"
-        path.write_text((cli_root / "r.yaml").read_text().replace("eval_samples: 2}", f"eval_samples: 2, seed: {seed}}}"))
+        text = (cli_root / "r.yaml").read_text()
+        path.write_text(text.replace("eval_samples: 2}", f"eval_samples: 2, seed: {seed}}}"))
         assert compress_cli(cli_root, tmp_path / name, path) == 0
         outs.append((tmp_path / name / "model.safetensors").read_bytes())
     assert outs[0] == outs[1]

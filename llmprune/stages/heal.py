@@ -124,8 +124,9 @@ def heal(ctx: StageContext, *,
     masks = keep_masks(model, ctx.masks.by_name(model))
     result = heal_model(
         model, mode=mode, train_ids=train_ids, eval_ids=windows.eval_ids, steps=steps, lr=lr, batch_size=batch_size,
-        micro_batch_size=micro_batch_size, seed=seed, rank=rank, alpha=alpha, train=train if mode == "distill" else None,
-        dtype=_train_dtype(model, dtype, ctx.device), gradient_checkpointing=gradient_checkpointing, masks=masks,
+        micro_batch_size=micro_batch_size, seed=seed, rank=rank, alpha=alpha,
+        train=train if mode == "distill" else None, dtype=_train_dtype(model, dtype, ctx.device),
+        gradient_checkpointing=gradient_checkpointing, masks=masks,
         teacher=teacher, temperature=temperature, distill_loss=distill_loss, prompts_ids=prompts,
         response_tokens=(seqlen - seqlen // 2) if prompts is not None else None, generation=generation,
         progress=ctx.progress, device=ctx.device)

@@ -81,7 +81,9 @@ def heal_section(sidecar: dict[str, Any]) -> str | None:
             what = f"distilled from the unpruned model ({how}); trained: {what}"
         if r.get("rank"):
             what += f", rank {r['rank']}"
-        text = f"{_source_name(data.get('source'))}, {data.get('windows')} × {data.get('seqlen')} tokens" if data else "n/a"
+        text = "n/a"
+        if data:
+            text = f"{_source_name(data.get('source'))}, {data.get('windows')} × {data.get('seqlen')} tokens"
         if data.get("disjoint_from_calibration"):
             text += ", disjoint from the calibration windows"
         loss = f"{float(r['loss_before']):.4f} → {float(r['loss_after']):.4f}"
