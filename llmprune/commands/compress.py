@@ -52,7 +52,7 @@ def register(sub) -> None:
                         "router-weight | reconstruction | random (default merge)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048, or the model's maximum if smaller)")
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="prune the linears of each layer one after another, each calibrated on the already-pruned "
