@@ -258,6 +258,25 @@ def test_cli_same_seed_same_checkpoint(cli_root, tmp_path):
     assert outs[0] != outs[2]
 
 
+def test_cli_distill_teacher_is_model_read_again(cli_root, tmp_path):
+    """`llmprune compress` gives a distilling heal stage MODEL, loaded from disk when the stage runs."""
+    from llmprune.io.load import load_tokenizer
+
+    recipe_path = tmp_path / "distill.yaml"
+    recipe_path.write_text((cli_root / "r.yaml").read_text().replace("mode: lora", "mode: distill"))
+    out = tmp_path / "out"
+    assert compress_cli(cli_root, out, recipe_path) == 0
+    sidecar = json.loads((out / "llmprune.json").read_text())
+    stage = sidecar["stages"][1]
+    assert stage["mode"] == "distill" and stage["train"] == "lora" and stage["teacher"] == {"device": "cpu"}
+    windows = heal_windows(load_tokenizer(str(cli_root / "model")), stage["data"]["source"], seqlen=32,
+                           train_samples=None, eval_samples=2, seed=0, calibration=sidecar["calibration"],
+                           default_train_samples=3 * 2)
+    assert windows.spec == stage["data"]
+    dense = AutoModelForCausalLM.from_pretrained(cli_root / "model")
+    assert stage["teacher_loss"] == pytest.approx(mean_nll(dense, windows.eval_ids, 2), abs=1e-5)
+    assert stage["teacher_loss"] != pytest.approx(stage["loss_before"], abs=1e-3)   # not the pruned model
+
 @pytest.mark.parametrize("stage,match", [
     ({"method": "heal"}, "missing 'mode'"),
     ({"method": "heal", "mode": "perp", "rank": 4}, "rank only apply to LoRA"),
