@@ -139,12 +139,16 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.io.checkpoint import parse_size
     from llmprune.io.load import model_input_path, resolve_model_path
 
-    inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data]   # --overwrite never deletes them
+    inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data,   # --overwrite never deletes them
+              *[s.params["data"] for s in recipe.stages if s.method == "heal" and s.params.get("data")]]
     check_output_dir(args.output, args.overwrite, inputs=inputs)
     max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
     resolve_model_path(args.model, args.revision)      # a mistyped MODEL is reported before the data
     needs_calib = recipe.needs_calibration()
-    if needs_calib:
+    heal_stages = [s for s in recipe.stages if s.method == "heal"]
+    # A heal stage trains on text: the tokenizer, and the calibration source unless it names its own data.
+    needs_text = needs_calib or any(s.params.get("data") is None for s in heal_stages)
+    if needs_text:
         check_source(recipe.calibration.data, check_hub=False)   # a bad path now; Hub sources below
     if args.base_model is not None:
         from llmprune.io.hub import check_repo_id
@@ -184,10 +188,11 @@ def run(args: argparse.Namespace) -> int:
 
             check_sparse24_possible(meta_model, recipe)
     del meta_model
-    if needs_calib:
+    if needs_text:
         check_source(recipe.calibration.data)              # c4 / wikitext2 with the Hub unreachable: say so now
     # Only calibration needs a tokenizer; without one (magnitude) a folder lacking tokenizer files is fine.
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision, required=needs_calib)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision,
+                               required=needs_calib or bool(heal_stages))
     if tokenizer is None:
         print(f"llmprune: note: {args.model} has no tokenizer files; the output will have none either",
               file=sys.stderr)
@@ -202,7 +207,13 @@ def run(args: argparse.Namespace) -> int:
             and getattr(config, "dtype", None) in (torch.bfloat16, torch.float16)):
         work_dtype, save_dtype = "float32", config.dtype
     model = load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
-    model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet)
+    teacher = None
+    if any(s.params.get("mode") == "distill" for s in heal_stages):
+        # A distilling heal stage's teacher: MODEL read again when the stage runs (no copy held before).
+        def teacher():
+            return load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
+    model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet,
+                             teacher=teacher)
     if save_dtype is not None:
         model.to(save_dtype)
 
