@@ -168,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
 
     from llmprune.api import calibration_set, check_recipe, compress
     from llmprune.arch import spec_for
-    from llmprune.io.load import load_config, load_model, load_tokenizer, model_revision, resolve_device, torch_dtype
+    from llmprune.io.load import (cpu_has_fast_bf16, load_config, load_model, load_tokenizer, model_revision,
+                                  resolve_device, torch_dtype)
     from llmprune.io.sidecar import base_model_entry, compress_sidecar, write_sidecar
 
     if args.quiet:
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     # --dtype auto on such a CPU, work in float32 and write the checkpoint back in its own dtype.
     save_dtype = None
     work_dtype = args.dtype
-    if (args.dtype == "auto" and device == "cpu" and not _cpu_has_fast_bf16()
+    if (args.dtype == "auto" and device == "cpu" and not cpu_has_fast_bf16()
             and getattr(config, "dtype", None) in (torch.bfloat16, torch.float16)):
         work_dtype, save_dtype = "float32", config.dtype
     model = load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
@@ -240,15 +241,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{exc} (the model is saved in {args.output}; push it later with "
                             f"`llmprune push {args.output} {args.push_to_hub}`)") from None
     return 0
-
-
-def _cpu_has_fast_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def write_checkpoint(model, tokenizer, directory, save_format: str, max_shard_size: str | int = "5GB") -> dict | None:

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from llmprune.commands.compress import _cpu_has_fast_bf16
+    from llmprune.io.load import cpu_has_fast_bf16
     from llmprune.heal import DEFAULT_LR, heal_model
     from llmprune.io.load import load_config, load_model, load_tokenizer, resolve_device
 
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     save_dtype = model.dtype
     if args.dtype != "auto":
         train_dtype = getattr(torch, args.dtype)
-    elif save_dtype == torch.bfloat16 and not (device == "cpu" and not _cpu_has_fast_bf16()):
+    elif save_dtype == torch.bfloat16 and not (device == "cpu" and not cpu_has_fast_bf16()):
         train_dtype = torch.bfloat16
     else:
         train_dtype = torch.float32

@@ -167,18 +167,18 @@ def _seqlen(ctx: StageContext, seqlen: int | None) -> int:
     """The given seqlen, else the calibration windows' (capped at the model's positions)."""
     if seqlen is not None:
         return seqlen
-    seqlen = ctx.calib.spec["seqlen"] if ctx.calib is not None else ctx.calibration.seqlen
-    max_pos = _max_positions(ctx.model.config)
-    return min(seqlen, max_pos) if max_pos else seqlen
+    if ctx.calib is not None:
+        return ctx.calib.spec["seqlen"]          # already fitted to the model's positions
+    return ctx.calibration.window(ctx.model.config)[0]
 
 
 def _train_dtype(model: nn.Module, dtype: str, device: str) -> torch.dtype:
     """auto: bf16 for a bf16 model (unless on a CPU without fast bf16), else fp32."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    from llmprune.commands.compress import _cpu_has_fast_bf16
+    from llmprune.io.load import cpu_has_fast_bf16
 
-    if model.dtype == torch.bfloat16 and not (device == "cpu" and not _cpu_has_fast_bf16()):
+    if model.dtype == torch.bfloat16 and not (device == "cpu" and not cpu_has_fast_bf16()):
         return torch.bfloat16
     return torch.float32
 
