@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from llmprune.arch import Matrix, decoder_matrices, spec_for, weight_2d
 from llmprune.calibration.sets import CalibrationSet, calibration_set
 from llmprune.edits import MaskState, parameter_count, verify_config
+from llmprune.errors import UserError
 from llmprune.io.files import peak_rss_bytes
 from llmprune.io.load import resolve_device
 from llmprune.masks import sparsity_of
@@ -59,6 +61,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: Recipe | dict | str = "wa
         if "note" in calib_set.spec:
             report.notes.append(calib_set.spec["note"])
     masks = MaskState()
+    teacher = teacher_loader(model, recipe, teacher)     # before the first stage edits the model
     use_cache = getattr(model.config, "use_cache", None)
     was_training = model.training
     model.eval()
@@ -84,6 +87,27 @@ def compress(model: nn.Module, tokenizer=None, recipe: Recipe | dict | str = "wa
     if device.startswith("cuda"):
         report.peak_memory["cuda_bytes"] = torch.cuda.max_memory_allocated()
     return model, report
+
+
+def teacher_loader(model: nn.Module, recipe: Recipe, teacher) -> Callable[[], nn.Module] | None:
+    """What a distill `heal` stage calls for the unpruned model: `teacher` (a module, or a callable that
+    returns one, called once, when the stage runs), or without one a copy of `model` taken now, but only
+    when a stage distills (the copy holds a second model in memory for the whole run)."""
+    if teacher is None:
+        if not any(kind_for(s.method).name == "heal" and s.params.get("mode") == "distill" for s in recipe.stages):
+            return None
+        teacher = copy.deepcopy(model).eval()
+    if isinstance(teacher, nn.Module):
+        return lambda: teacher
+    if not callable(teacher):
+        raise UserError(f"teacher must be a model or a function that returns one, got {type(teacher).__name__}")
+    loaded: list[nn.Module] = []
+
+    def load() -> nn.Module:
+        if not loaded:
+            loaded.append(teacher())
+        return loaded[0]
+    return load
 
 
 def final_modules(model: nn.Module, masks: MaskState) -> dict[str, ModuleResult]:

@@ -55,6 +55,9 @@ class StageRecord:
     schedule: str | None = None     # calibration schedule that ran (prune stages)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    measured: dict = field(default_factory=dict)   # kind-specific results, written at the record's top level
+                                                    # (heal: loss_before/after, trainable_parameters, data)
+    summary_lines: list[str] = field(default_factory=list)   # printed under the summary table
 
     @property
     def sparsity(self) -> float:
@@ -96,6 +99,8 @@ class StageRecord:
             out["schedule"] = self.schedule
         if self.notes:
             out["notes"] = self.notes
+        for key, value in self.measured.items():     # never over a common key (e.g. the stage's seconds)
+            out.setdefault(key, value)
         return out
 
 
@@ -162,6 +167,8 @@ class CompressReport:
                 lines += ["", f"stage {r.index} ({r.method}) per module type:"] + _module_table(r)
             if isinstance(r.scores.get("kept"), dict):      # expert-drop: kept experts per MoE layer
                 lines += ["", f"stage {r.index} ({r.method}) per MoE layer:"] + _kept_experts_table(r)
+            if r.summary_lines:
+                lines += ["", f"stage {r.index} ({r.method}):"] + [f"  {line}" for line in r.summary_lines]
         lines.append("")
         removed = 1 - self.parameters_after / self.parameters_before if self.parameters_before else 0.0
         mem = self.peak_memory

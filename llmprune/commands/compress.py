@@ -59,7 +59,7 @@ def register(sub) -> None:
                         "router-weight | reconstruction | random (default merge)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048, or the model's maximum if smaller)")
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="prune the linears of each layer one after another, each calibrated on the already-pruned "
@@ -147,12 +147,16 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.io.checkpoint import parse_size
     from llmprune.io.load import model_input_path, resolve_model_path
 
-    inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data]   # --overwrite never deletes them
+    inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data,   # --overwrite never deletes them
+              *[s.params["data"] for s in recipe.stages if s.method == "heal" and s.params.get("data")]]
     check_output_dir(args.output, args.overwrite, inputs=inputs)
     max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
     resolve_model_path(args.model, args.revision)      # a mistyped MODEL is reported before the data
     needs_calib = recipe.needs_calibration()
-    if needs_calib:
+    heal_stages = [s for s in recipe.stages if s.method == "heal"]
+    # A heal stage trains on text: the tokenizer, and the calibration source unless it names its own data.
+    needs_text = needs_calib or any(s.params.get("data") is None for s in heal_stages)
+    if needs_text:
         check_source(recipe.calibration.data, check_hub=False)   # a bad path now; Hub sources below
     if args.base_model is not None:
         from llmprune.io.hub import check_repo_id
@@ -172,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
 
     from llmprune.api import calibration_set, check_recipe, compress
     from llmprune.arch import spec_for
-    from llmprune.io.load import load_config, load_model, load_tokenizer, model_revision, resolve_device, torch_dtype
+    from llmprune.io.load import (cpu_has_fast_bf16, load_config, load_model, load_tokenizer, model_revision,
+                                  resolve_device, torch_dtype)
     from llmprune.io.sidecar import base_model_entry, compress_sidecar, write_sidecar
 
     if args.quiet:
@@ -192,10 +197,11 @@ def run(args: argparse.Namespace) -> int:
 
             check_sparse24_possible(meta_model, recipe)
     del meta_model
-    if needs_calib:
+    if needs_text:
         check_source(recipe.calibration.data)              # c4 / wikitext2 with the Hub unreachable: say so now
     # Only calibration needs a tokenizer; without one (magnitude) a folder lacking tokenizer files is fine.
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision, required=needs_calib)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision,
+                               required=needs_calib or bool(heal_stages))
     if tokenizer is None:
         print(f"llmprune: note: {args.model} has no tokenizer files; the output will have none either",
               file=sys.stderr)
@@ -206,11 +212,17 @@ def run(args: argparse.Namespace) -> int:
     # --dtype auto on such a CPU, work in float32 and write the checkpoint back in its own dtype.
     save_dtype = None
     work_dtype = args.dtype
-    if (args.dtype == "auto" and device == "cpu" and not _cpu_has_fast_bf16()
+    if (args.dtype == "auto" and device == "cpu" and not cpu_has_fast_bf16()
             and getattr(config, "dtype", None) in (torch.bfloat16, torch.float16)):
         work_dtype, save_dtype = "float32", config.dtype
     model = load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
-    model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet)
+    teacher = None
+    if any(s.params.get("mode") == "distill" for s in heal_stages):
+        # A distilling heal stage's teacher: MODEL read again when the stage runs (no copy held before).
+        def teacher():
+            return load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
+    model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet,
+                             teacher=teacher)
     if save_dtype is not None:
         model.to(save_dtype)
 
@@ -237,15 +249,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{exc} (the model is saved in {args.output}; push it later with "
                             f"`llmprune push {args.output} {args.push_to_hub}`)") from None
     return 0
-
-
-def _cpu_has_fast_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def write_checkpoint(model, tokenizer, directory, save_format: str, max_shard_size: str | int = "5GB") -> dict | None:

@@ -29,7 +29,7 @@ def register(sub) -> None:
                    help="how sparsity is spread over layers (default uniform)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH; default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per calibration window (default 2048, or the model's maximum if smaller)")
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     add_eval_args(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the report CIs")

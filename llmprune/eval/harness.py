@@ -128,9 +128,9 @@ def evaluate(ctx: Context, model, tokenizer, model_name: str | None = None, extr
             data = spec.params["data"]
             key = spec.name[len("ppl_"):]
             texts = ppl_texts(data, settings.data_dir)
-            # an explicit --batch-size batches the windows too; auto keeps 1 (fp32 logits of a
-            # 2048-token window with a 128k vocabulary are already 1 GiB)
-            ppl_batch = int(settings.batch_size) if str(settings.batch_size).isdigit() else 1
+            # an explicit --batch-size batches the windows too; auto sizes batches by their logits
+            ppl_batch = (int(settings.batch_size) if str(settings.batch_size).isdigit() else
+                         ppl_mod.auto_batch_size(settings.seqlen, model.config.get_text_config().vocab_size))
             res = ppl_mod.perplexity(model, tokenizer, texts, seqlen=settings.seqlen, name=data,
                                      batch_size=ppl_batch, progress=settings.progress)
             perplexity[key] = res.ppl

@@ -146,4 +146,4 @@ def run_stage(ctx: StageContext, method: str, params: dict) -> StageRecord:
 
 def _load_kinds() -> None:
     """Importing the kind modules registers them (imports are cached: cheap after the first call)."""
-    from llmprune.stages import depth, experts, prune, width  # noqa: F401
+    from llmprune.stages import depth, experts, heal, prune, width  # noqa: F401
