@@ -8,13 +8,13 @@ the layer loop (`llmprune/allocation.py`).
 """
 from __future__ import annotations
 
-import time
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmprune import distributed
 from llmprune.allocation import global_magnitude_sparsities, owl_layer_sparsities_for_model
 from llmprune.arch import (TargetSelector, decoder_layers, get_module, head_targets, layer_linears, prunable_linears,
                            spec_for, weight_2d)
@@ -84,7 +84,7 @@ def _check_model(model: nn.Module, params: dict, where: str) -> None:
 
 
 @stage_kind("prune", methods=(), needs_calibration=_needs_calibration, validate=_validate, check_model=_check_model,
-            summary="zeros in the same matrices: unstructured or N:M, by a pruning method")
+            streams=True, splits_batches=True, summary="zeros in the same matrices: unstructured or N:M, by a pruning method")
 def prune(ctx: StageContext, *, method: str, sparsity: str | float,
           allocation: Literal["uniform", "owl", "global"] = "uniform",
           owl_m: Annotated[float, Range(0, low_open=True)] = 5.0,
@@ -99,7 +99,7 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
     layers_path = spec_for(model).layers
     params = {"method": method, "sparsity": sparsity, "targets": targets, "ignore": ignore}
     linears, heads = _check_targets(model, params, where)
-    record = StageRecord(target=pattern_target(pattern))
+    record = ctx.new_record(target=pattern_target(pattern))
     calib_ids = ctx.calib_ids() if (spec.needs or allocation == "owl") else None
     batch_size = ctx.calibration.batch_size
     if spec.needs:
@@ -128,8 +128,8 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
         if spec.needs and stats is None:
             raise UserError(f"{where}: {name} received no input during calibration, so {method} has no "
                             f"statistics for it; exclude it with --ignore")
-        record.modules[name] = _prune_module(module, stats, module_pattern.get(name, pattern), spec,
-                                             method_params, ctx)
+        _prune_module(module, stats, module_pattern.get(name, pattern), spec, method_params, ctx,
+                      lambda result: record.modules.__setitem__(name, result))
 
     def prune_layer(step: LayerStep) -> None:
         layer_targets = {n: m for n, m in layer_linears(step.layer, step.name).items() if n in linears}
@@ -138,6 +138,7 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
         if not spec.needs:
             for name, module in layer_targets.items():
                 prune_one(name, module, None)
+            distributed.flush()
             return
         obs = LayerObserver(layer_targets, spec.needs)
         if true_sequential:                   # prunes every linear and propagates, in one pass
@@ -148,6 +149,7 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
         obs.seal_all()
         for name, module in layer_targets.items():
             prune_one(name, module, obs.stats.pop(name, None))
+        distributed.flush()           # under torchrun: the linears above ran on different ranks
 
     n_layers = len(decoder_layers(model))
     desc = f"{method} {pattern}" + (" (owl)" if allocation == "owl" else "")
@@ -157,31 +159,36 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
             captured = capture_layer_inputs(model, calib_ids, batch_size)
             layerwise(model, captured, ctx.device, layers_path, prune_layer, bar)
         else:   # data-free: no forward passes at all
-            for i, layer in enumerate(decoder_layers(model)):
-                prune_layer(LayerStep(index=i, name=f"{layers_path}.{i}", layer=layer))
-                bar.update(1)
+            layerwise(model, None, ctx.device, layers_path, prune_layer, bar)
 
     for name, module in heads.items():   # lm_head / embeddings, only when targeted explicitly
         stats = None
         if spec.needs and not isinstance(module, nn.Embedding):
             stats = _head_stats(model, module, captured, spec.needs)
-        record.modules[name] = _prune_module(module, stats, module_pattern.get(name, pattern), spec,
-                                             method_params, ctx)
+        _prune_module(module, stats, module_pattern.get(name, pattern), spec, method_params, ctx,
+                      lambda result, name=name: record.modules.__setitem__(name, result))
+    distributed.flush()
     record.achieved = round(record.sparsity, 6)
     return record
 
 
 def _prune_module(module: nn.Module, stats: LinearStats | None, pattern: Pattern, method: MethodSpec,
-                  params: dict, ctx: StageContext) -> ModuleResult:
-    """Run the method on a float32 working copy on the compute device; write weight ⊙ keep_mask back."""
-    t0 = time.perf_counter()
-    weight = weight_2d(module).to(device=ctx.device, dtype=torch.float32).clone()   # [out, in]
-    result = method.fn(weight, stats if stats is not None else LinearStats(), pattern, **params)
-    # A method returns the pruned weight, or (weight, keep_mask) when kept weights may be exactly zero.
-    pruned, keep_mask = result if isinstance(result, tuple) else (result, result != 0)
-    ctx.masks.apply(module, pruned, keep_mask, pattern_target(pattern))
-    return ModuleResult(shape=tuple(weight.shape), target=pattern_target(pattern),
-                        achieved=sparsity_of(weight_2d(module)), seconds=time.perf_counter() - t0)
+                  params: dict, ctx: StageContext, done: Callable[[ModuleResult], None]) -> None:
+    """Run the method on a float32 working copy on the compute device; write weight ⊙ keep_mask back
+    and hand the result to `done`. Under torchrun the method runs on the matrix's rank and every rank
+    applies the result at the next `distributed.flush()` (at once in a single process)."""
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        weight = weight_2d(module).to(device=ctx.device, dtype=torch.float32).clone()   # [out, in]
+        result = method.fn(weight, stats if stats is not None else LinearStats(), pattern, **params)
+        # A method returns the pruned weight, or (weight, keep_mask) when kept weights may be exactly zero.
+        return result if isinstance(result, tuple) else (result, result != 0)
+
+    def apply(pruned: torch.Tensor, keep_mask: torch.Tensor, seconds: float) -> None:
+        ctx.masks.apply(module, pruned, keep_mask, pattern_target(pattern))
+        done(ModuleResult(shape=tuple(pruned.shape), target=pattern_target(pattern),
+                          achieved=sparsity_of(weight_2d(module)), seconds=seconds))
+
+    distributed.submit(compute, apply)
 
 
 @torch.no_grad()
@@ -193,9 +200,9 @@ def _head_stats(model, head: nn.Module, captured, needs) -> LinearStats:
     obs = LayerObserver({"head": head}, needs)
     with obs.hooked():
         for b, hidden in enumerate(captured.hidden):
-            obs.start_batch(b)
+            obs.start_batch(captured.batch_ids[b])
             x = norm(hidden.to(norm_device))
             head(x.to(head_device))
-            obs.end_batch(b)
+            obs.end_batch(captured.batch_ids[b])
     obs.seal_all()
     return obs.stats["head"]
