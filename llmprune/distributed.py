@@ -40,6 +40,14 @@ def env_world_size() -> int:
         return 1
 
 
+def env_rank() -> int:
+    """RANK as torchrun sets it (0 without torchrun), before the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1
