@@ -672,6 +672,7 @@ class StreamedLayers(LayerStore):
             self._journal()
             if ctx.index > 0:                                  # the next stage reads this one's folder only
                 shutil.rmtree(self._stage_dir(ctx.index - 1), ignore_errors=True)
+            shutil.rmtree(self.plan.work.sub("act"), ignore_errors=True)   # the next stage captures its own
         self.ctx = self.kind = None
         self.done_upto = 0
 
