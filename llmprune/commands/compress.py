@@ -202,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
             from llmprune.kernels import check_sparse24_possible
 
             check_sparse24_possible(meta_model, recipe)
-    problem = None if args.in_memory else _stream_problem(meta_model, recipe, args)
+    problem = "--in-memory" if args.in_memory else _stream_problem(meta_model, recipe, args)
     if problem is not None and streaming_flags:
         raise UserError(f"{streaming_flags[0]} needs the run to stream decoder layers from disk, and this one cannot: "
                         f"{problem}")
@@ -304,6 +304,9 @@ def _streamed_model(args, config, recipe, calib, device, work_dtype, save_dtype,
     from llmprune.io.workdir import describe_progress, fingerprint_difference
 
     source = _local_weights(args.model, args.revision)
+    from llmprune.io.load import check_local_weights
+
+    check_local_weights(str(source), config, args.trust_remote_code)   # a damaged shard, a wrong shape: one line
     reader = CheckpointReader(source)
     if work_dtype == "auto":
         dtype = getattr(config, "dtype", None)
