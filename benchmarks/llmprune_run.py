@@ -33,7 +33,8 @@ def main() -> int:
 
     import llmprune
     from llmprune.io.load import load_model, load_tokenizer
-    from llmprune.io.save import output_dir, save_model, write_sidecar
+    from llmprune.io.save import output_dir, save_model
+    from llmprune.io.sidecar import write_sidecar
 
     windows = torch.load(args.calib)  # [n, seqlen]
     model = load_model(args.model, dtype="auto")

@@ -12,6 +12,10 @@ non-overlapping 256-token windows (the first `--windows`).
 Latency: prefill (one 256-token sequence) and greedy decode (batch 1, 64 new tokens with KV cache)
 tokens/s, median of `--repeats`, for the trained model and for a larger random-init Llama where
 the matmuls dominate (`--latency-model`), dense vs 25% / 50% width (MLP + heads) vs 1 / 2 layers dropped.
+
+GPU line (issue 10; needs a CUDA GPU, ~2 min on an H200):
+    python benchmarks/structured_bench.py --latency-only --latency-model llama3-8b --device cuda \
+        --dtype bfloat16 --results-md benchmarks/RESULTS.md
 """
 from __future__ import annotations
 
@@ -66,19 +70,30 @@ def label(stage: dict) -> str:
     return f"{stage['criterion']}{'' if stage['reconstruct'] else ' (no recon.)'}"
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def latency(model, seqlen: int, new_tokens: int, repeats: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s): median over repeats, batch 1."""
+    device = next(model.parameters()).device
     prompt = torch.randint(3, model.config.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
     prefill, decode = [], []
     model(prompt[:, :16])                                         # warm-up
+    model.generate(prompt[:, :8], max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         model(prompt)
+        _sync(device)
         prefill.append(seqlen / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         model.generate(prompt[:, :8], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        use_cache=True, pad_token_id=0)
+        _sync(device)
         decode.append(new_tokens / (time.perf_counter() - t0))
     return statistics.median(prefill), statistics.median(decode)
 
@@ -94,15 +109,49 @@ def latency_table(models: dict[str, torch.nn.Module], seqlen: int, new_tokens: i
     return "\n".join(rows)
 
 
-def smaller_models(model, tokenizer, calib) -> dict[str, torch.nn.Module]:
+def smaller_models(model, tokenizer, calib, device: str = "cpu") -> dict[str, torch.nn.Module]:
     out = {"dense": model}
     for name, stage in [("width 25% (MLP + heads 0.75)", {"method": "width", "mlp_keep": 0.75, "heads_keep": 0.75}),
                         ("width 50% (MLP + heads 0.5)", {"method": "width", "mlp_keep": 0.5, "heads_keep": 0.5}),
                         ("drop 1 layer", {"method": "layer-drop", "num_layers": 1}),
                         ("drop 2 layers", {"method": "layer-drop", "num_layers": 2})]:
         out[name], _ = llmprune.compress(copy.deepcopy(model), tokenizer, {"stages": [stage]}, calib=calib,
-                                         device="cpu", progress=False)
+                                         device=device, progress=False)
     return out
+
+
+def latency_llama(spec: str, dtype: torch.dtype, device: str):
+    """A random-init Llama for timing: "HIDDENxLAYERS" (GQA, 64-dim heads) or "llama3-8b"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if spec == "llama3-8b":
+        config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                             rope_theta=500000.0)
+    else:
+        hidden, layers = (int(x) for x in spec.split("x"))
+        config = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+                             num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                             num_key_value_heads=hidden // 128, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    return model
+
+
+def run_latency(args, trained, tokenizer, calib, seqlen: int) -> str:
+    """Latency tables: the trained model (CPU runs only) and the random-init `--latency-model`."""
+    parts = []
+    if trained is not None:
+        table = latency_table(smaller_models(trained, tokenizer, calib), seqlen, 64, args.repeats)
+        parts.append(f"#### CPU latency, trained model ({torch.get_num_threads()} threads)\n\n{table}")
+    dtype = getattr(torch, args.dtype)
+    big = latency_llama(args.latency_model, dtype, args.device)
+    big_calib = torch.randint(3, big.config.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0))
+    table = latency_table(smaller_models(big, None, big_calib, args.device), seqlen, 64, args.repeats)
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    parts.append(f"#### Latency, random-init Llama {args.latency_model} ({args.dtype}, {where})\n\n{table}")
+    return "\n\n".join(parts)
 
 
 def main() -> int:
@@ -111,7 +160,11 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=256, help="held-out perplexity windows (256 tokens each)")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--latency-model", default="1024x8", help="HIDDENxLAYERS of the random-init latency Llama")
+    parser.add_argument("--latency-model", default="1024x8",
+                        help="random-init latency Llama: HIDDENxLAYERS, or llama3-8b")
+    parser.add_argument("--latency-only", action="store_true", help="skip the quality runs (e.g. on a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (latency runs)")
+    parser.add_argument("--dtype", default="float32", help="dtype of the random-init latency model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--results-md", type=Path, default=None)
     args = parser.parse_args()
@@ -120,6 +173,14 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.latency_only:
+        text = run_latency(args, None, None, None, 256)
+        print(text)
+        if args.results_md:
+            replace_results_section(args.results_md, f"structured_latency:{args.latency_model}:{args.device}",
+                                    "### Structured pruning latency (`benchmarks/structured_bench.py`)\n\nCommand: "
+                                    "`python benchmarks/structured_bench.py " + " ".join(sys.argv[1:]) + "`\n\n" + text)
+        return 0
     model_dir = get_trained_llama()
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -163,18 +224,7 @@ def main() -> int:
 
     latency_text = ""
     if not args.no_latency:
-        trained = latency_table(smaller_models(model, tokenizer, calib), seqlen, 64, args.repeats)
-        hidden, layers = (int(x) for x in args.latency_model.split("x"))
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        big = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
-                                           num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                                           num_key_value_heads=hidden // 128, max_position_embeddings=1024)).eval()
-        big_calib = torch.randint(3, 8192, (16, 128), generator=torch.Generator().manual_seed(0))
-        medium = latency_table(smaller_models(big, None, big_calib), seqlen, 64, args.repeats)
-        latency_text = (f"#### CPU latency, trained model ({torch.get_num_threads()} threads)\n\n{trained}\n\n"
-                        f"#### CPU latency, random-init Llama {hidden}x{layers} (GQA, 64-dim heads)\n\n{medium}")
+        latency_text = run_latency(args, model if args.device == "cpu" else None, tokenizer, calib, seqlen)
         print("\n" + latency_text)
 
     if args.results_md:

@@ -11,6 +11,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Installed, `triton_kernels/`, `recipes/` and `evals/` live inside this package (setup.py maps them).
+# Imported straight from a source checkout (e.g. `python -m llmprune` run in the repository root,
+# which shadows the installed copy) they are the checkout's top-level folders: look there too.
+_CHECKOUT_MAPPED = ("triton_kernels", "recipes", "evals")
+
+
+def _add_checkout_root() -> None:
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    root = here.parent
+    if not (here / "evals").is_dir() and all((root / name / "__init__.py").is_file() for name in _CHECKOUT_MAPPED):
+        __path__.append(str(root))
+
+
+_add_checkout_root()
+
 _LAZY = {
     "compress": ("llmprune.api", "compress"),
     "Recipe": ("llmprune.recipe", "Recipe"),

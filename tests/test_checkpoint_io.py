@@ -176,7 +176,7 @@ def assert_corrupt(directory, path):
     with pytest.raises(UserError) as exc:
         CheckpointReader(directory)
     message = str(exc.value)
-    assert str(path) in message and "truncated or corrupt" in message and "re-download or re-save" in message
+    assert str(path) in message and "truncated or corrupt" in message and "copy or download it again, or re-save it" in message
     assert "\n" not in message
 
 

@@ -6,7 +6,11 @@ import torch
 
 from llmprune.errors import UserError
 import eval_toy as toy
-from llmprune.eval import harness, ppl, suites
+from llmprune.eval import export as eval_export
+from llmprune.eval import harness, ppl, selection, suites
+from llmprune.eval import results as eval_results
+from llmprune.eval import settings as eval_settings
+from llmprune.eval import tasks as eval_tasks
 
 TEXT = ["def add(a, b):\n    return a + b\n", "", "class Point:\n    x = 1\n    y = 2\n"] * 16
 
@@ -68,7 +72,7 @@ def test_shipped_suites_are_valid():
 
 
 def _settings(tasks, **kw):
-    return harness.Settings(seqlen=64, max_length=128, batch_size=4, limit=4, include_path=[str(tasks)],
+    return eval_settings.Settings(seqlen=64, max_length=128, batch_size=4, limit=4, include_path=[str(tasks)],
                             progress=False, **kw)
 
 
@@ -81,7 +85,7 @@ def test_all_output_types_through_lm_eval_and_stale_free_reuse(tiny, tmp_path):
     for s in sel:   # keep the probes small
         for t in s.tasks:
             t.params["n"] = 3
-    specs = harness.select_specs(sel, ["toy_mc", "toy_gen", "toy_roll"], [str(text)])
+    specs = selection.select_specs(sel, ["toy_mc", "toy_gen", "toy_roll"], [str(text)])
     ctx = harness.prepare(model, tok, sel, specs, _settings(tasks))
     dense = harness.evaluate(ctx, model, tok, "toy")
     r = dense.results
@@ -116,24 +120,24 @@ def test_all_output_types_through_lm_eval_and_stale_free_reuse(tiny, tmp_path):
     assert all(abs(a - b) > 1e-4 for a, b in zip(ll_dense, ll_pruned))
 
     out = tmp_path / "res"
-    harness.write_results(out, pruned)
-    back = harness.read_results(out)
+    eval_results.write_results(out, pruned)
+    back = eval_results.read_results(out)
     assert back["tasks"]["toy_mc"]["value"] == p["tasks"]["toy_mc"]["value"]
-    assert harness.read_items(out)["toy_mc"]["ids"] == pruned.items["toy_mc"]["ids"]
+    assert eval_results.read_items(out)["toy_mc"]["ids"] == pruned.items["toy_mc"]["ids"]
     assert (out / "samples" / "toy_gen.jsonl.gz").is_file() and (out / "lm_eval_results.json").is_file()
 
 
 def test_export_then_data_dir_gives_the_same_numbers(tiny, tmp_path):
     model, tok, tasks = tiny
-    specs = harness.select_specs([], ["toy_mc", "toy_roll"], [])
+    specs = selection.select_specs([], ["toy_mc", "toy_roll"], [])
     direct = harness.evaluate(harness.prepare(model, tok, [], specs, _settings(tasks)), model, tok)
     export = tmp_path / "export"
     export.mkdir()
-    manifest = harness.export_data(specs, export, [str(tasks)], progress=False)
+    manifest = eval_export.export_data(specs, export, [str(tasks)], progress=False)
     assert set(manifest["tasks"]) == {"toy_mc", "toy_roll"}
     assert (export / "toy_mc" / "test.parquet").is_file()
     ctx = harness.prepare(model, tok, [], specs, _settings(tasks, data_dir=str(export)))
-    assert ctx.lm_eval_names["toy_mc"].startswith(harness.GENERATED_PREFIX)
+    assert ctx.lm_eval_names["toy_mc"].startswith(eval_tasks.GENERATED_PREFIX)
     local = harness.evaluate(ctx, model, tok)
     ctx.close()
     for t in ("toy_mc", "toy_roll"):
@@ -153,9 +157,9 @@ def test_builtin_task_redirected_to_local_parquet(tiny, tmp_path):
              "choices": {"text": [str(i), "cat", "dog", "sun"], "label": ["A", "B", "C", "D"]}, "answerKey": "A"}
             for i in range(5)]
     pd.DataFrame(rows).to_parquet(tmp_path / "arc_easy" / "test.parquet")
-    specs = harness.select_specs(suites.load_suites(["reasoning_mc"]), [], [])
+    specs = selection.select_specs(suites.load_suites(["reasoning_mc"]), [], [])
     specs = [s for s in specs if s.name == "arc_easy"]
-    settings = harness.Settings(seqlen=64, max_length=128, batch_size=4, limit=3, data_dir=str(tmp_path),
+    settings = eval_settings.Settings(seqlen=64, max_length=128, batch_size=4, limit=3, data_dir=str(tmp_path),
                                 progress=False)
     ctx = harness.prepare(model, tok, [], specs, settings)
     run = harness.evaluate(ctx, model, tok)
@@ -172,9 +176,9 @@ def test_builtin_task_redirected_to_local_parquet(tiny, tmp_path):
 def test_perplexity_text_from_data_dir_and_offline_error(tmp_path):
     import json
 
-    d = tmp_path / harness.PPL_EXPORT_DIR
+    d = tmp_path / eval_export.PPL_EXPORT_DIR
     d.mkdir()
     (d / "wikitext2.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "", " = b = "]))
-    assert harness.ppl_texts("wikitext2", str(tmp_path)) == ["a", "", " = b = "]   # empty lines kept
+    assert eval_export.ppl_texts("wikitext2", str(tmp_path)) == ["a", "", " = b = "]   # empty lines kept
     with pytest.raises(UserError, match=r"export-data DIR --suite lm"):
-        harness.ppl_texts("c4", str(tmp_path))      # not exported, and the Hub is offline in tests
+        eval_export.ppl_texts("c4", str(tmp_path))      # not exported, and the Hub is offline in tests

@@ -131,3 +131,67 @@ def test_nm_runs_are_plotted_at_n_zeros_per_m(tmp_path, pattern, sparsity):
     pruned = [r for r in data["rows"] if r["method"] != "dense"]
     assert pruned and {r["sparsity"] for r in pruned} == {sparsity}
     assert {r["method"] for r in pruned} == {f"wanda {pattern}"}
+
+
+def _relabel(path, **sparsity):
+    res = json.loads((path / "results.json").read_text())
+    res["sparsity"].update(sparsity)
+    (path / "results.json").write_text(json.dumps(res))
+
+
+def test_uniform_and_owl_runs_are_two_labelled_curves(tmp_path):
+    """The sparsity block `eval` writes from llmprune.json (io.sidecar.eval_summary): method + recipe +
+    allocation. Uniform and OWL Wanda at 50% must not both read "wanda 50%"."""
+    _write_run(tmp_path / "dense", "dense", 0.0, {"a": 0.8}, {})
+    for name, allocation, value in (("uni", "uniform", 0.6), ("owl", "owl", 0.7)):
+        _write_run(tmp_path / name, "wanda", 0.5, {"a": value}, {})
+        _relabel(tmp_path / name, recipe="wanda 0.5" + (" owl" if allocation == "owl" else ""), allocation=allocation)
+    (tmp_path / "o").mkdir()
+    data = report.build_report([str(tmp_path / d) for d in ("dense", "uni", "owl")], tmp_path / "o", iters=0,
+                               plots=False)
+    suites = {(s["method"], s["label"]): s["retained"] for s in data["suites"] if s["suite"] == "s1"}
+    assert suites[("wanda", "wanda 0.5")] == pytest.approx(75.0)
+    assert suites[("wanda owl", "wanda 0.5 owl")] == pytest.approx(87.5)
+    assert {o["method"] for o in data["onset"]} == {"wanda", "wanda owl"}
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "| s1 | wanda 0.5 | 50% |" in md and "| s1 | wanda 0.5 owl | 50% |" in md
+    assert "| `owl` | wanda 0.5 owl | 50% |" in md                        # the Runs table
+
+
+def test_runs_evaluated_differently_are_refused_or_flagged(tmp_path):
+    from llmprune.errors import UserError
+    from llmprune.eval.comparable import check_run_wide, task_differences
+
+    dense = {"_dir": "/r/dense", "settings": {"seqlen": 2048, "max_length": 2048, "limit": None},
+             "tasks": {"arc": {"version": 1.0, "n": 100, "num_fewshot": 0}, "mmlu": {"version": 2.0, "n": 50}}}
+    same = {"_dir": "/r/p", "settings": dict(dense["settings"]), "tasks": json.loads(json.dumps(dense["tasks"]))}
+    check_run_wide(dense, same)
+    assert task_differences(dense, same) == {}
+    short = {**same, "settings": {"seqlen": 256, "max_length": 256, "limit": 10}}
+    with pytest.raises(UserError) as err:
+        check_run_wide(dense, short)
+    assert "seqlen 256 vs 2048" in str(err.value) and "limit 10 vs None" in str(err.value)
+    assert "max_length" not in str(err.value) and "--seqlen" in str(err.value) and "\n" not in str(err.value)
+    other = {**same, "tasks": {"arc": {"version": 2.0, "n": 100, "num_fewshot": 0},
+                               "mmlu": {"version": 2.0, "n": 40}}}
+    assert task_differences(dense, other) == {"arc": "task version 2.0 vs 1.0",
+                                              "mmlu": "40 vs 50 items scored (other task data)"}
+
+
+def test_perplexity_on_other_text_is_not_paired(tmp_path):
+    _write_run(tmp_path / "dense", "dense", 0.0, {"a": 0.8, "ppl_x": 10.0}, {})
+    _write_run(tmp_path / "p", "wanda", 0.5, {"a": 0.6, "ppl_x": 9.0}, {})
+    for name, sha in (("dense", "aa"), ("p", "bb")):
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        res["perplexity_details"] = {"x": {"source": "/data/x.txt", "text_sha256": sha, "seqlen": 2048,
+                                           "windows": 10, "tokens": 20470}}
+        res["tasks"]["ppl_x"]["kind"] = "perplexity"
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    (tmp_path / "o").mkdir()
+    data = report.build_report([str(tmp_path / "dense"), str(tmp_path / "p")], tmp_path / "o", iters=0, plots=False)
+    row = next(r for r in data["rows"] if r["task"] == "ppl_x" and r["method"] == "wanda")
+    assert row["retention"] is None and row["incomparable"] == "perplexity text differs (same name, other content)"
+    a = next(r for r in data["rows"] if r["task"] == "a" and r["method"] == "wanda")
+    assert a["retention"] == pytest.approx(75.0) and a["incomparable"] is None
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "## Not compared" in md and "not comparable: perplexity text differs" in md

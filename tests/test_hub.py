@@ -1,5 +1,8 @@
-"""Model cards and Hub push, with no network: output dirs are built by hand (tiny random model saved
-with `save_model` + a realistic sidecar) and the Hub is a small HTTP server on 127.0.0.1."""
+"""Model cards of the OLD sidecar format and Hub push, with no network: output dirs are built by hand
+(tiny random model saved with `save_model` + a format-1 sidecar: no per-stage records, no `copied` /
+`merged_dense` in delta outputs, eval results without a weights fingerprint) and the Hub is a small
+HTTP server on 127.0.0.1. Cards of what llmprune writes today are rendered from real outputs in
+tests/test_card_outputs.py."""
 from __future__ import annotations
 
 import base64
@@ -18,7 +21,7 @@ import yaml
 
 from llmprune.errors import UserError
 from llmprune.io.card import CARD_MARKER, parse_front_matter, render_card
-from llmprune.io.save import write_sidecar
+from llmprune.io.sidecar import write_sidecar
 
 TOKEN = "hf_SECRETtokenVALUE1234567890abcdef"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -73,7 +76,7 @@ def make_compress_output(directory: Path, pattern: str = "0.5", allocation: str 
     recipe = {"stages": [{"method": method, "sparsity": pattern, "allocation": allocation}]}
     (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     write_sidecar(directory, {
-        "kind": "compress", "llmprune_version": "0.1.0",
+        "format_version": 1, "kind": "compress", "llmprune_version": "0.1.0",
         "base_model": {"id": "meta-llama/Llama-3.2-1B", "revision": "4e20de362430cd3b72f300e6b0f18e50e7166e08",
                        "model_type": "llama"},
         "recipe": recipe, "wall_time_s": 12.5, "peak_memory": {"cpu_rss_bytes": 3 * 2**30, "cuda_bytes": 0},
@@ -100,13 +103,15 @@ def make_delta_output(directory: Path, n_finetunes: int = 1) -> Path:
         if name.split(".")[-2] in LINEARS:
             tensors[name] = {"shape": list(param.shape), "density": 0.09 + 0.001 * i}
     fts = [{"id": f"acme/llama-ft-{k}", "revision": None, "weight": 1.0 / n_finetunes} for k in range(n_finetunes)]
+    excluded = [n for n, _ in model.named_parameters() if n.split(".")[-2] not in LINEARS]
     write_sidecar(directory, {
-        "kind": "delta", "llmprune_version": "0.1.0",
+        "format_version": 1, "kind": "delta", "llmprune_version": "0.1.0",
         "base_model": {"id": "meta-llama/Llama-3.2-1B", "revision": None, "model_type": "llama"},
         "finetuned": fts,
         "recipe": {"method": "dare" if n_finetunes == 1 else "dare-ties", "drop_rate": 0.9},
         "delta": {"method": "dare" if n_finetunes == 1 else "dare-ties", "drop_rate": 0.9, "rescale": "inverse",
-                  "q": None, "lambda": 1.0, "seed": 0, "achieved_density": 0.1003, "tensors": tensors},
+                  "q": None, "lambda": 1.0, "seed": 0, "achieved_density": 0.1003, "tensors": tensors,
+                  "excluded": excluded},
         "wall_time_s": 3.2, "peak_memory": {"cpu_rss_bytes": 2**30, "cuda_bytes": 0},
         "versions": {"python": "3.11.9", "llmprune": "0.1.0"},
         "command": "llmprune delta meta-llama/Llama-3.2-1B " + " ".join(f["id"] for f in fts)
@@ -121,7 +126,7 @@ def make_pack_output(directory: Path) -> Path:
                                                        "model_type": "llama"}))
     (directory / "model.safetensors").write_bytes(b"\0" * 64)
     write_sidecar(directory, {
-        "kind": "pack", "llmprune_version": "0.1.0",
+        "format_version": 1, "kind": "pack", "llmprune_version": "0.1.0",
         "base_model": {"id": "meta-llama/Llama-3.2-1B", "revision": None, "model_type": "llama"},
         "pack": {"format": "sparse24", "modules": ["model.layers.0.self_attn.q_proj"],
                  "bytes_dense": 1_000_000, "bytes_packed": 562_500},
@@ -130,7 +135,7 @@ def make_pack_output(directory: Path) -> Path:
     return directory
 
 
-# `eval/results.json` in the format `llmprune eval` writes (llmprune/eval/harness.py docstring), with the
+# `eval/results.json` in the format `llmprune eval` writes (llmprune/eval/results.py docstring), with the
 # `baseline` block that `--baseline` adds (retained = 100*pruned/dense, dense/pruned for perplexity).
 def _task(suite, kind, metric, value, stderr, n, chance, higher=True):
     return {"suite": suite, "kind": kind, "metric": metric, "value": value, "stderr": stderr, "n": n,
@@ -143,6 +148,8 @@ EVAL = {
     "sparsity": {"achieved": 0.5, "zeros": 2304, "total": 4608, "modules": 14, "target": None, "method": None,
                  "pattern": None},
     "perplexity": {"wikitext2": 14.5},
+    "perplexity_details": {"wikitext2": {"source": "wikitext2", "seqlen": 2048, "windows": 40, "tokens": 81880}},
+    "settings": {"seqlen": 2048, "max_length": 2048, "limit": None},
     "tasks": {
         "ppl_wikitext2": _task("lm", "perplexity", "token_perplexity", 14.5, None, 40, None, higher=False),
         "arc_easy": _task("reasoning_mc", "lm_eval", "acc_norm", 0.61, 0.01, 2376, 0.25),
@@ -290,7 +297,9 @@ def test_card_with_eval_results_shows_retained_against_dense(outputs, tmp_path):
     card = render_card(directory)
     assert yaml.safe_load(card.split("---\n")[1])  # front matter still parses
     (ppl,) = _table_rows(card, "wikitext2")
-    assert ppl[1:] == ["10", "14.500", "+45.0%"]
+    assert ppl[1:] == ["wikitext2 (test split)", "2048 tokens × 40", "10", "14.500", "+45.0%"]
+    # hand-made results of the old format record no weights fingerprint: shown, but labelled
+    assert "## Evaluation (unverified)" in card and "could not be checked against this model" in card
     (arc,) = _table_rows(card, "arc_easy")
     assert arc[1:] == ["reasoning_mc", "acc_norm", "0.7000", "0.6100 ± 0.0100", "87.1% [84.0, 90.3]", "80.0%",
                        "0.2500", "2376"]
@@ -319,7 +328,7 @@ def test_eval_without_baseline_has_no_retained_column(outputs, tmp_path):
     assert "retained" not in section and "dense" not in section.lower()
     assert "this card has no knowledge or reasoning evaluation" not in card  # arc_easy is reasoning
     (ppl,) = _table_rows(card, "wikitext2")
-    assert ppl[1:] == ["14.500"]
+    assert ppl[1:] == ["wikitext2 (test split)", "2048 tokens × 40", "14.500"]
     (arc,) = _table_rows(card, "arc_easy")
     assert arc[1:] == ["reasoning_mc", "acc_norm", "0.6100 ± 0.0100", "0.2500", "2376"]
 
@@ -349,6 +358,9 @@ def test_delta_cards_single_finetune_and_merge(outputs):
     assert meta["base_model"] == ["meta-llama/Llama-3.2-1B", "acme/llama-ft-0", "acme/llama-ft-1"]
     assert meta["base_model_relation"] == "merge" and "merge" in meta["tags"]
     assert "A merge of 2 fine-tunes" in merged
+    # a format-1 merge does not say which unsparsified tensors were merged and which copied: say both
+    assert "merged densely with the same weights, `dare-ties` consensus and λ, or copied from the first" in merged
+    assert "Copied from the fine-tune without sparsification (" in single
 
 
 def test_pack_card_points_to_load_pretrained(outputs):

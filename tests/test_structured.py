@@ -422,3 +422,20 @@ def test_cli_bad_structured_input_is_one_line_and_writes_nothing(saved_model, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err
     assert not (saved_model / "bad").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_registry_paths_exist_in_every_family(arch):
+    """Every path the registry names is a module of the model transformers builds (heads, norms, groups)."""
+    from llmprune.arch import TargetSelector, get_module, head_targets
+
+    model = tiny_model(arch)
+    fam = spec_for(model)
+    for path in (fam.layers, fam.final_norm, fam.lm_head, *fam.embeddings):
+        get_module(model, path)
+    assert get_module(model, fam.lm_head) is model.get_output_embeddings()
+    layer = decoder_layers(model)[0]
+    for group in ("attention", "mlp"):
+        for path in fam.group(group).linear_paths:
+            layer.get_submodule(path)
+    assert fam.lm_head in head_targets(model, TargetSelector(targets=fam.lm_head))

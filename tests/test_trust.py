@@ -318,6 +318,23 @@ def test_disk_full_reported_by_a_library_is_recognised():
     assert "disk full" in str(explain(rust, "/tmp"))
 
 
+def test_mapped_folders_import_when_run_from_the_checkout_root():
+    # `python -m llmprune` in the repository root imports the checkout, not the installed copy: the
+    # folders setup.py maps into the package (recipes, evals, kernels) must still be found there
+    script = ("import llmprune.recipes, llmprune.evals, llmprune.triton_kernels\n"
+              "from llmprune.recipe import named_recipes; from llmprune.eval.suites import available_suites\n"
+              "assert named_recipes() and available_suites()")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_missing_llmprune_module_is_not_blamed_on_a_package_to_install():
+    from llmprune.io.errors import explain
+
+    message = str(explain(ModuleNotFoundError("No module named 'llmprune.evals'", name="llmprune.evals")))
+    assert "incomplete" in message and "pip install llmprune\n" not in message + "\n"
+
+
 def test_missing_optional_package_is_one_line_with_the_install_command(ws, tmp_path):
     from llmprune.io.errors import explain
 

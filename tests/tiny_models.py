@@ -29,9 +29,27 @@ ARCH_CONFIGS = {
                      intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=False, **_IDS),
 }
 
+# MoE families (transformers v5: fused 3-D experts). 8 experts, top-2, and each family's routing quirks:
+# Qwen2-MoE un-normalised top-k + a gated shared expert + one dense layer (mlp_only_layers); Qwen3-MoE
+# norm_topk_prob; OLMoE un-normalised; DeepSeek-V3 sigmoid scores + correction bias + 2 groups of 4 with
+# topk_group=1 + routed_scaling_factor + a dense first layer + a shared expert (MLA attention).
+_MOE_COMMON = dict(_COMMON, intermediate_size=96, num_key_value_heads=2, num_experts_per_tok=2)
+MOE_CONFIGS = {
+    "mixtral": dict(_MOE_COMMON, intermediate_size=32, num_local_experts=8, sliding_window=None),
+    "qwen2_moe": dict(_MOE_COMMON, num_hidden_layers=3, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                      num_experts=8, norm_topk_prob=False, mlp_only_layers=[1]),
+    "qwen3_moe": dict(_MOE_COMMON, head_dim=16, moe_intermediate_size=32, num_experts=8, norm_topk_prob=True),
+    "olmoe": dict(_MOE_COMMON, intermediate_size=32, num_experts=8, norm_topk_prob=False),
+    "deepseek_v3": dict(_MOE_COMMON, num_hidden_layers=3, num_key_value_heads=4, moe_intermediate_size=32,
+                        n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+}
+
 
 def tiny_config(model_type: str, **overrides):
-    return AutoConfig.for_model(model_type, **{**ARCH_CONFIGS[model_type], **overrides})
+    base = ARCH_CONFIGS[model_type] if model_type in ARCH_CONFIGS else MOE_CONFIGS[model_type]
+    return AutoConfig.for_model(model_type, **{**base, **overrides})
 
 
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):

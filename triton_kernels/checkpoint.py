@@ -37,7 +37,7 @@ from llmprune.io.checkpoint import (DEFAULT_MAX_SHARD_SIZE, DTYPE_BYTES, Checkpo
                                     state_dict_to_save, unmarked_config_dict)
 
 from .format import check_packed, pack_24, unpack_24
-from .module import DEFAULT_SKIP, SparseLinear24, candidate_linears, is_packable_type, skip_reason, weight_oi
+from .module import DEFAULT_SKIP, SparseLinear24, candidate_linears, is_packable_type, output_heads, skip_reason, weight_oi
 
 FORMAT = "sparse24"
 SUFFIXES = (".compressed", ".bitmask", ".shape")
@@ -156,12 +156,13 @@ def check_sparse24_possible(model: nn.Module, targets) -> dict[str, str]:
         selector = TargetSelector(targets.get("targets"), targets.get("ignore"))
         targets = {**prunable_linears(model, selector), **head_targets(model, selector)}
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = output_heads(model)
     dense = {}
     for name, module in targets.items():
         if not is_packable_type(module):
             dense[name] = f"{type(module).__name__} is not a linear layer"
         else:
-            reason = skip_reason(name, module, out_emb, check_values=False)
+            reason = skip_reason(name, module, out_emb, check_values=False, heads=heads)
             if reason is not None:
                 dense[name] = reason
     if targets and len(dense) == len(targets):

@@ -15,8 +15,18 @@ from torch import nn
 from .format import Not24Error, is_24, pack_24, packed_nbytes, unpack_24
 from .ops import dispatch, sparse24_linear
 
-# Output heads stay dense unless targeted explicitly (CONTRIBUTING.md).
-DEFAULT_SKIP = ("lm_head",)
+# Output heads stay dense unless targeted explicitly (CONTRIBUTING.md): the family's head from the
+# architecture registry (`embed_out` for GPT-NeoX), and any module that is the model's output embedding,
+# are always skipped (`output_heads`). `skip` adds names (matched by their last component).
+DEFAULT_SKIP: tuple[str, ...] = ()
+
+
+def output_heads(model: nn.Module) -> set[str]:
+    """Full names of the model's output head: the registry's `lm_head` for its family (plain `lm_head`
+    for a family the registry does not know) and whatever module is its output embedding."""
+    from llmprune.io.tensor_names import head_module_names
+
+    return head_module_names(model)
 
 
 class SparseLinear24(nn.Module):
@@ -125,10 +135,11 @@ def weight_oi(module: nn.Module) -> torch.Tensor:
 
 
 def skip_reason(name: str, module: nn.Module, out_emb: nn.Module | None, skip: tuple[str, ...] = DEFAULT_SKIP,
-                check_values: bool = True) -> str | None:
-    """Why a packable-type module stays dense (None: it can be packed). With check_values=False
-    only what is known from shapes is checked (works on a meta-device model)."""
-    if name.split(".")[-1] in skip or module is out_emb:
+                check_values: bool = True, heads: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """Why a packable-type module stays dense (None: it can be packed). `heads`: the model's output
+    heads (`output_heads`). With check_values=False only what is known from shapes is checked (works on
+    a meta-device model)."""
+    if name in heads or name.split(".")[-1] in skip or module is out_emb:
         return "output head"
     in_features = weight_oi(module).shape[1]
     if in_features % 8 != 0:
@@ -145,16 +156,17 @@ def skip_reason(name: str, module: nn.Module, out_emb: nn.Module | None, skip: t
 def candidate_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP):
     """Yield (name, linear, reason_to_skip_or_None) for every nn.Linear / Conv1D of the model."""
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = output_heads(model)
     seen_weights: dict[int, str] = {}
     for name, module in model.named_modules():
         if not is_packable_type(module):
             continue
         ptr = module.weight.data_ptr()
-        reason = skip_reason(name, module, out_emb, skip, check_values=False)
+        reason = skip_reason(name, module, out_emb, skip, check_values=False, heads=heads)
         if reason is None and ptr in seen_weights and not module.weight.is_meta:
             reason = f"weight shared with {seen_weights[ptr]}"
         if reason is None:
-            reason = skip_reason(name, module, out_emb, skip)
+            reason = skip_reason(name, module, out_emb, skip, heads=heads)
         seen_weights.setdefault(ptr, name)
         yield name, module, reason
 
@@ -162,7 +174,8 @@ def candidate_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP):
 def sparsify_model(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP,
                    cusparselt_prefill: bool = False) -> SparsifyReport:
     """Replace (in place) every nn.Linear / Conv1D whose weight is 2:4 along in_features by a
-    SparseLinear24; `lm_head`/the output embedding stays dense. Returns what was swapped.
+    SparseLinear24; the output head (`output_heads`: the registry's, e.g. GPT-NeoX `embed_out`) stays
+    dense. Returns what was swapped.
     cusparselt_prefill: also keep a cuSPARSELt copy for prefill (see SparseLinear24)."""
     report = SparsifyReport()
     swaps = []

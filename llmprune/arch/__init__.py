@@ -56,6 +56,12 @@ class Family:
     per_layer_lists: tuple[str, ...] = ()
     per_layer_counts: dict = field(default_factory=dict)
     depth_guards: dict = field(default_factory=dict)
+    checkpoint_names: dict = field(default_factory=dict)   # module path -> name in saved checkpoints
+
+    def saved_names(self, path: str) -> tuple[str, ...]:
+        """A module path and, where transformers renames it on save/load, its checkpoint name."""
+        alias = self.checkpoint_names.get(path)
+        return (path, alias) if alias else (path,)
 
     @property
     def head_dim_configurable(self) -> bool:
@@ -95,7 +101,8 @@ def _registry() -> dict[str, Family]:
                            config=dict(e["config"]), attention=_group(e["attention"]), mlp=_group(e["mlp"]),
                            per_layer_lists=tuple(e.get("per_layer_lists") or ()),
                            per_layer_counts=dict(e.get("per_layer_counts") or {}),
-                           depth_guards=dict(e.get("depth_guards") or {}))
+                           depth_guards=dict(e.get("depth_guards") or {}),
+                           checkpoint_names=dict(e.get("checkpoint_names") or {}))
     return out
 
 

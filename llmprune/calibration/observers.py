@@ -88,9 +88,9 @@ def mirror_upper(hessian: torch.Tensor) -> None:
 class LayerObserver:
     """Statistics of the inputs of `linears` ({name: module}) over calibration batches.
 
-    `needs` is a subset of {"input_sq_norm", "input_sum", "hessian"}; nothing else is computed. Batches are
-    told apart by `start_batch(b)` (input sharing is detected within one batch's forward), so
-    batches may also be interleaved, as in the engine's true-sequential lockstep.
+    `needs` is a subset of {"input_sq_norm", "input_sum", "hessian"}; nothing else is computed.
+    Batches are told apart by `start_batch(b)` (input sharing is detected within one batch's
+    forward), so batches may also be interleaved, as in the engine's true-sequential lockstep.
     """
 
     def __init__(self, linears: dict[str, nn.Module], needs: frozenset[str] | set[str]):

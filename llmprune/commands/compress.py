@@ -38,7 +38,7 @@ def register(sub) -> None:
     depth.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=None,
                        help="never remove layer 0 (default on)")
     p.add_argument("--criterion", default=None,
-                   help="width: activation | magnitude | maw | random (default activation); "
+                   help="width: activation | obs | magnitude | maw | random (default activation); "
                         "layer-drop: bi | angular | ppl (default bi)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
@@ -69,6 +69,9 @@ def register(sub) -> None:
                      help="load the whole model and write it at the end (no journal, so no --resume)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the output to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--base-model", metavar="HUB_ID", default=None,
+                   help="the Hub id MODEL stands for, recorded as the base model in llmprune.json and the model "
+                        "card (for a local copy; a Hub cache snapshot folder is recognised without it)")
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
     p.epilog = ("Every run that can is journalled layer by layer in .OUTPUT.partial beside the output (removed "
                 "when it succeeds): after a crash, kill or Ctrl-C, rerun the same command with --resume. Several "
@@ -166,6 +169,10 @@ def _run(args: argparse.Namespace) -> int:
     needs_calib = recipe.needs_calibration()
     if needs_calib:
         check_source(recipe.calibration.data, check_hub=False)   # a bad path now; Hub sources below
+    if args.base_model is not None:
+        from llmprune.io.hub import check_repo_id
+
+        args.base_model = check_repo_id(args.base_model, "--base-model")
     if args.push_to_hub:
         from llmprune.io.hub import check_push_ready, check_repo_id
 
@@ -244,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     base = base_model_entry(args.model, revision=model_revision(model) or args.revision,
-                            model_type=model.config.model_type)
+                            model_type=model.config.model_type, hub_id=args.base_model)
     sidecar = compress_sidecar(report, base, dtype=str(model.dtype).replace("torch.", ""),
                                save_format=args.save_format)
     with output_dir(args.output, args.overwrite, inputs=inputs,

@@ -65,7 +65,8 @@ def parse_eval_args(args: argparse.Namespace):
     """Suites, specs and settings from the flags; everything checked before a model is loaded."""
     from llmprune.calibration.data import check_source
     from llmprune.errors import UserError
-    from llmprune.eval.harness import Settings, select_specs
+    from llmprune.eval.selection import select_specs
+    from llmprune.eval.settings import Settings
     from llmprune.eval.suites import load_suites
 
     tasks = _csv(args.tasks)
@@ -93,7 +94,7 @@ def parse_eval_args(args: argparse.Namespace):
         if not Path(args.data_dir).expanduser().is_dir():
             raise UserError(f"--data-dir {args.data_dir} does not exist; create it with "
                             f"`llmprune eval --export-data {args.data_dir} --suite ...` on a connected machine")
-    from llmprune.eval.harness import parse_gen_kwargs, parse_model_args
+    from llmprune.eval.settings import parse_gen_kwargs, parse_model_args
 
     settings = Settings(seqlen=args.seqlen or 2048, max_length=args.seqlen or 2048, batch_size=args.batch_size,
                         limit=limit, ppl_data=ppl, data_dir=args.data_dir, include_path=list(args.include_path),
@@ -117,7 +118,7 @@ def check_model_and_hub_data(args: argparse.Namespace, specs) -> None:
         if spec.kind == "perplexity":
             check_source(spec.params["data"], "--ppl-data")
     if any(s.kind == "lm_eval" for s in specs):
-        from llmprune.eval.harness import check_task_data_offline
+        from llmprune.eval.tasks import check_task_data_offline
         from llmprune.io.network import hub_or_cache
 
         if not hub_or_cache():
@@ -169,6 +170,18 @@ def sidecar_sparsity(path: str) -> dict:
         return {}
 
 
+def weights_fingerprint(path: str, revision: str | None = None) -> str | None:
+    """The fingerprint of the weights being evaluated (llmprune.io.identity), recorded in results.json
+    so that `card` and `push` can tell results of these weights from results of others. None when the
+    weights are not in a local folder (a Hub model that is not in the cache)."""
+    from pathlib import Path
+
+    from llmprune.io.identity import hub_cache_dir, model_fingerprint
+
+    folder = Path(path) if Path(path).is_dir() else hub_cache_dir(path, revision)
+    return model_fingerprint(folder) if folder is not None else None
+
+
 def task_table(results: dict) -> str:
     base = (results.get("baseline") or {}).get("tasks", {})
     lines = [f"{'suite':<14} {'task':<26} {'metric':<30} {'value':>10}" + (f" {'retained%':>10}" if base else "")]
@@ -197,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
     suites, specs, settings = parse_eval_args(args)
     if args.export_data:
-        from llmprune.eval.harness import export_data
+        from llmprune.eval.export import export_data
 
         if args.model:
             raise UserError("--export-data downloads task data only; drop MODEL (or drop --export-data to evaluate)")
@@ -226,18 +239,27 @@ def run(args: argparse.Namespace) -> int:
     check_model_and_hub_data(args, specs)
     dense = dense_items = None
     if args.baseline:
-        from llmprune.eval.harness import read_items, read_results
+        from llmprune.eval.results import read_items, read_results
 
         dense = read_results(args.baseline)
         dense_items = read_items(args.baseline)
 
     from llmprune.eval import harness
+    from llmprune.eval.results import write_results
 
     model, tokenizer, path = load_for_eval(args, settings, allow_packed=True)
+    if dense is not None:   # seqlen is known now: refuse an incomparable baseline before the evaluation
+        from llmprune.eval.comparable import check_run_wide
+        from llmprune.eval.settings import settings_record
+
+        planned = {"settings": settings_record(settings, [s.params["data"] for s in specs if s.kind == "perplexity"],
+                                               str(next(model.parameters()).device)), "seed": settings.seeds()}
+        check_run_wide(dense, planned, run_name=args.model, dense_name=args.baseline)
     ctx = harness.prepare(model, tokenizer, suites, specs, settings)
     try:
         run_ = harness.evaluate(ctx, model, tokenizer, model_name=args.model,
-                                extra={"sparsity": sidecar_sparsity(path), "model": {"path": path}})
+                                extra={"sparsity": sidecar_sparsity(path),
+                                       "model": {"path": path, "fingerprint": weights_fingerprint(path, args.revision)}})
     finally:
         ctx.close()
     if dense is not None:
@@ -247,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         for warning in run_.results["baseline"]["warnings"]:
             print(f"llmprune: warning: {warning}", file=sys.stderr)
     with output_dir(args.output, args.overwrite, inputs=inputs, inside_ok=model_dir) as tmp:
-        harness.write_results(tmp, run_)
+        write_results(tmp, run_)
     print(task_table(run_.results))
     print(f"wrote {Path(args.output) / 'results.json'}")
     return 0

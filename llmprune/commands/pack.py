@@ -34,7 +34,7 @@ def _dir_bytes(path) -> int:
 
 
 def _read_sidecar(src) -> dict:
-    from llmprune.io.save import SIDECAR_NAME, read_sidecar
+    from llmprune.io.sidecar import SIDECAR_NAME, read_sidecar
 
     return read_sidecar(src) if (src / SIDECAR_NAME).is_file() else {}
 
@@ -43,7 +43,8 @@ def _unpack(args: argparse.Namespace, src, target, max_shard_size: int, unpack_s
     """Packed -> dense: the weights a plain `from_pretrained` loads, with the source's sidecar."""
     import time
 
-    from llmprune.io.save import output_dir, write_sidecar
+    from llmprune.io.save import output_dir
+    from llmprune.io.sidecar import write_sidecar
 
     t0 = time.perf_counter()
     source_sidecar = _read_sidecar(src)
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.errors import UserError
     from llmprune.io.checkpoint import CheckpointReader, packed_checkpoint_info, parse_size
     from llmprune.io.files import format_bytes, peak_rss_bytes
-    from llmprune.io.save import RECIPE_NAME, check_output_dir, output_dir, write_sidecar
+    from llmprune.io.save import RECIPE_NAME, check_output_dir, output_dir
+    from llmprune.io.sidecar import base_model_entry, write_sidecar
 
     src = Path(args.model).expanduser()
     if not src.is_dir() or not (src / "config.json").is_file():
@@ -107,8 +109,11 @@ def run(args: argparse.Namespace) -> int:
             (tmp / RECIPE_NAME).write_text((src / RECIPE_NAME).read_text())
         sidecar = {k: v for k, v in source_sidecar.items()
                    if k not in ("format_version", "kind", "versions", "command", "wall_time_s", "peak_memory")}
-        sidecar.setdefault("base_model", {"id": str(src), "revision": None,
-                                          "model_type": model.config.model_type})
+        if not isinstance(sidecar.get("base_model"), dict):     # a plain model folder: it is the base
+            from llmprune.io.load import snapshot_revision
+
+            sidecar["base_model"] = base_model_entry(str(src.resolve()), revision=snapshot_revision(src),
+                                                     model_type=model.config.model_type)
         sidecar["kind"] = "pack"
         sidecar["packed_from"] = {"path": str(src.resolve()), "kind": source_sidecar.get("kind"),
                                   "command": source_sidecar.get("command")}

@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     parser.add_argument("--revision", metavar="BRANCH", default=None,
                         help="branch to commit to (created if missing; default: main)")
     parser.add_argument("--commit-message", metavar="MSG", default=None, help="commit message")
+    parser.add_argument("--base-model", metavar="HUB_ID", default=None,
+                        help="the Hub id of the base model for the card, when llmprune.json names a local copy of it")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the files (with sizes) and the card that would be pushed; no network")
     parser.add_argument("--quiet", action="store_true", help="no upload progress bars")
@@ -25,11 +27,18 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from llmprune.io.card.eval_table import UNVERIFIED, unverified_warning
     from llmprune.io.hub import check_repo_id, push_output, summary_table
 
     check_repo_id(args.repo_id)
+    if args.base_model is not None:
+        check_repo_id(args.base_model, "--base-model")
     result = push_output(args.directory, args.repo_id, private=args.private, revision=args.revision,
-                         commit_message=args.commit_message, dry_run=args.dry_run)
+                         commit_message=args.commit_message, dry_run=args.dry_run, base_model=args.base_model)
+    if result.eval_status == UNVERIFIED:
+        print(f"llmprune: warning: {unverified_warning(args.directory)}", file=sys.stderr)
     where = result.repo_id + (f" (branch {result.revision})" if result.revision else "")
     card_note = "generated" if result.card_generated else "hand-written README.md, uploaded as it is"
     if result.dry_run:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from llmprune.errors import UserError
-    from llmprune.eval.harness import read_results
+    from llmprune.eval.results import read_results
     from llmprune.eval.report import build_report, summary_table
     from llmprune.io.save import check_output_dir, output_dir
 

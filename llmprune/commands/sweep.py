@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     from llmprune.commands.eval import check_model_and_hub_data, load_for_eval, parse_eval_args
     from llmprune.errors import UserError
     from llmprune.eval import harness
+    from llmprune.eval.lm_eval_run import make_lm
+    from llmprune.eval.results import write_results
     from llmprune.eval.report import build_report, summary_table
     from llmprune.io.save import check_output_dir, output_dir
     from llmprune.io.sidecar import base_model_entry, compress_sidecar, describe, removed_fraction
@@ -182,13 +184,14 @@ def run(args: argparse.Namespace) -> int:
                     recipe = recipes[str(level)]
                     if structured:    # shapes change: work on a copy, evaluate it through its own wrapper
                         subject = copy.deepcopy(model)
-                        ctx.lm = harness.make_lm(subject, tokenizer, settings.batch_size, settings.max_length,
+                        ctx.lm = make_lm(subject, tokenizer, settings.batch_size, settings.max_length,
                                                  settings.softmax_dtype)
                     _, comp = llmprune.compress(subject, tokenizer, recipe, calib=calib,
                                                 device=args.device, progress=not args.quiet)
                     side = compress_sidecar(comp, base_model_entry(args.model))
                     extra["sparsity"] = {"target": level, "method": args.method,
-                                         "pattern": side["sparsity"]["pattern"]}
+                                         "pattern": side["sparsity"]["pattern"], "recipe": describe(side),
+                                         "allocation": side["sparsity"]["allocation"]}
                     if structured:
                         extra["sparsity"].update(parameters=side["parameters"], removed=removed_fraction(side),
                                                  recipe=describe(side), target=None)
@@ -204,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                                         f"but the weights have {counted:.4f}")
                 d = tmp / "runs" / name
                 d.mkdir(parents=True)
-                harness.write_results(d, result)
+                write_results(d, result)
                 if comp is not None:
                     (d / "compress.json").write_text(json.dumps(side, indent=2, default=str) + "\n")
                 run_dirs.append(d)

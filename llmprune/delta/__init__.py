@@ -29,7 +29,8 @@ def prune_delta(base: str, finetuned: list[str] | str, output: str | Path, *, me
     from llmprune.delta.pipeline import DeltaSpec, run_delta
     from llmprune.delta.sparsify import parse_rescale
     from llmprune.io.checkpoint import parse_size
-    from llmprune.io.save import RECIPE_NAME, output_dir, write_sidecar
+    from llmprune.io.save import RECIPE_NAME, output_dir
+    from llmprune.io.sidecar import write_sidecar
 
     finetuned = [finetuned] if isinstance(finetuned, str) else list(finetuned)
     spec = DeltaSpec(method=method, drop_rate=drop_rate, rescale=None if rescale is None else parse_rescale(rescale),
@@ -48,7 +49,8 @@ def apply_delta_dir(base: str, delta_dir: str | Path, output: str | Path, *, ove
                     progress: bool = True) -> dict:
     """Rebuild the model written by `prune_delta(..., save_delta=True)` from `base` and its sparse delta."""
     from llmprune.delta.apply import apply_delta
-    from llmprune.io.save import output_dir, write_sidecar
+    from llmprune.io.save import output_dir
+    from llmprune.io.sidecar import write_sidecar
 
     with output_dir(output, overwrite=overwrite, inputs=[base, delta_dir]) as tmp:
         result = apply_delta(base, delta_dir, tmp, progress=progress)

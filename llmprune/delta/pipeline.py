@@ -3,8 +3,9 @@
 For every tensor of the (first) fine-tune, in checkpoint order:
   base value      the base tensor of the same name; for an untied `lm_head` over a tied base, the
                   base input embedding (methods.md §0.4); rows beyond the base vocabulary have none
-  excluded        embeddings, lm_head, norms, router gates (+ --exclude): one fine-tune -> copied
-                  verbatim; several -> merged densely (no drop) with the same weights/consensus/λ
+  excluded        embeddings, lm_head (the architecture registry's names for the family; a regex
+                  for families it does not know), norms, router gates (+ --exclude): one fine-tune ->
+                  copied verbatim; several -> merged densely (no drop) with the same weights/consensus/λ
   pruned          Δ_i = θ_ft_i − θ_base (float32), Δ̂_i = factor · keep_i ⊙ Δ_i, merged, θ = θ_base + λ·mixed
   extra vocab     rows ≥ V_base exist only in the fine-tune: copied verbatim (DAREx behaviour)
 Only a few tensors are in memory at any time; the output shards are written as tensors finish.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmprune.delta.streaming import copy_model_files, local_model_dir, positive_zero
+from llmprune.io import tensor_names
 from llmprune.io.checkpoint import CheckpointReader, ShardWriter
 from llmprune.errors import UserError
 from llmprune.io.files import peak_rss_bytes
@@ -30,15 +32,17 @@ METHODS = {
     "dare-ties": ("random", "ties", False, "inverse"),
 }
 
-# Never pruned unless --no-default-exclude: embeddings, lm_head, norms, MoE router gates (§4.5.6).
-DEFAULT_EXCLUDE = (
-    r"embed",                                    # embed_tokens, embed_positions, embed_in/out
-    r"(^|\.)(lm_head|wte|wpe|word_embeddings|tok_embeddings)\.|^output\.weight$",
+# Never pruned unless --no-default-exclude (§4.5.6): embeddings and lm_head (`tensor_names.head_patterns`:
+# from the architecture registry when the family is known) and these, which the registry does not list:
+NORM_AND_ROUTER_EXCLUDE = (
     r"norm|(^|\.)ln_",                           # RMSNorm/LayerNorm weights and biases
     r"\.gate\.(weight|bias)$|router|expert_gate|e_score_correction_bias",  # MoE routers (not gate_proj)
 )
-EMBED_RE = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
-LM_HEAD_RE = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+
+
+def default_exclude(family=None) -> list[str]:
+    """The default exclusion regexes for a model family (None: a family the registry does not know)."""
+    return tensor_names.head_patterns(family) + list(NORM_AND_ROUTER_EXCLUDE)
 # Config fields that must agree for a delta to mean anything.
 ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "head_dim", "num_local_experts", "num_experts", "n_routed_experts")
@@ -54,6 +58,7 @@ class DeltaSpec:
     seed: int = 0
     exclude: list[str] = field(default_factory=list)  # extra regexes
     default_exclude: bool = True
+    family: "object" = None   # llmprune.arch.Family of the base (set by run_delta; None: unknown family)
 
     @property
     def strategy(self) -> str:
@@ -68,7 +73,7 @@ class DeltaSpec:
         return METHODS[self.method][2]
 
     def patterns(self) -> list[str]:
-        return (list(DEFAULT_EXCLUDE) if self.default_exclude else []) + list(self.exclude)
+        return (default_exclude(self.family) if self.default_exclude else []) + list(self.exclude)
 
 
 def validate_spec(spec: DeltaSpec, n_finetuned: int) -> DeltaSpec:
@@ -122,16 +127,20 @@ def check_configs(base_name: str, base_config, finetuned: list[tuple[str, object
                             "same architecture and sizes")
 
 
-def _tied_embedding(reader: CheckpointReader) -> str | None:
-    return next((n for n in reader.names if EMBED_RE.search(n)), None)
+def _role(name: str, family) -> str | None:
+    return tensor_names.role(name, family) if name.endswith(".weight") else None
 
 
-def _source_name(reader: CheckpointReader, name: str) -> str | None:
+def _tied_embedding(reader: CheckpointReader, family=None) -> str | None:
+    return next((n for n in reader.names if _role(n, family) == "token_embedding"), None)
+
+
+def _source_name(reader: CheckpointReader, name: str, family=None) -> str | None:
     """The tensor of `reader` that holds `name`'s value (a tied lm_head is the input embedding)."""
     if name in reader:
         return name
-    if LM_HEAD_RE.search(name):
-        return _tied_embedding(reader)
+    if _role(name, family) == "lm_head":
+        return _tied_embedding(reader, family)
     return None
 
 
@@ -148,7 +157,7 @@ def plan_jobs(base: CheckpointReader, finetuned: list[CheckpointReader], finetun
         info = first.info(name)
         ft_names = [name]
         for reader, ft_id in zip(finetuned[1:], finetuned_ids[1:]):
-            source = _source_name(reader, name)
+            source = _source_name(reader, name, spec.family)
             if source is None:
                 raise UserError(f"{ft_id} has no tensor {name} (which {finetuned_ids[0]} has); merged fine-tunes "
                                 "must share one architecture")
@@ -157,12 +166,12 @@ def plan_jobs(base: CheckpointReader, finetuned: list[CheckpointReader], finetun
                                 f"{list(info.shape)} in {finetuned_ids[0]}; merge fine-tunes that share one "
                                 "tokenizer / vocabulary size")
             ft_names.append(source)
-        base_name = _source_name(base, name)
+        base_name = _source_name(base, name, spec.family)
         shared_rows = None
         if base_name is not None:
             base_shape = base.info(base_name).shape
             if base_shape != info.shape:
-                vocab_like = EMBED_RE.search(name) or LM_HEAD_RE.search(name)
+                vocab_like = _role(name, spec.family) in ("token_embedding", "lm_head")
                 if vocab_like and len(base_shape) == len(info.shape) and base_shape[1:] == info.shape[1:]:
                     shared_rows = min(base_shape[0], info.shape[0])
                     new_rows = max(0, info.shape[0] - base_shape[0])
@@ -179,7 +188,7 @@ def plan_jobs(base: CheckpointReader, finetuned: list[CheckpointReader], finetun
         jobs.append(TensorJob(name, info.shape, info.dtype, ft_names, base_name, shared_rows,
                               prune=base_name is not None and floating and not excluded))
     for reader, ft_id in zip(finetuned[1:], finetuned_ids[1:]):
-        ignored = [n for n in reader.names if n not in first.tensors and not EMBED_RE.search(n)]
+        ignored = [n for n in reader.names if n not in first.tensors and _role(n, spec.family) != "token_embedding"]
         if ignored:
             notes.append(f"{ft_id}: {len(ignored)} tensor(s) not in {finetuned_ids[0]} ignored (e.g. {ignored[0]})")
     if not any(job.prune for job in jobs):
@@ -193,6 +202,12 @@ class TensorResult:
     density: float | None  # non-zero fraction of the applied delta (pruned tensors only)
     nnz: int = 0
     numel: int = 0
+
+
+def _mergeable(job: TensorJob) -> bool:
+    """Whether several fine-tunes' values of an unpruned tensor are merged (it has a base value and is
+    floating point) rather than copied from the first fine-tune; as `compute_tensor` decides."""
+    return job.base_name is not None and job.dtype in ("F64", "F32", "F16", "BF16")
 
 
 def compute_tensor(job: TensorJob, base: CheckpointReader, finetuned: list[CheckpointReader],
@@ -264,6 +279,7 @@ def run_delta(base: str, finetuned: list[str], spec: DeltaSpec, output: Path, *,
     from llmprune.delta.apply import DELTA_SUBDIR, SparseDeltaWriter
     from llmprune.delta.sparsify import Rescale
     from llmprune.io.load import load_config, snapshot_revision
+    from llmprune.io.sidecar import base_model_entry
 
     start = time.time()
     spec = validate_spec(spec, len(finetuned))
@@ -272,6 +288,7 @@ def run_delta(base: str, finetuned: list[str], spec: DeltaSpec, output: Path, *,
     base_config = load_config(str(base_dir), trust_remote_code=trust_remote_code)
     ft_configs = [load_config(str(d), trust_remote_code=trust_remote_code) for d in ft_dirs]
     check_configs(base, base_config, list(zip(finetuned, ft_configs)))
+    spec.family = tensor_names.family(base_config)     # embeddings / lm_head by the registry's names
     base_reader = CheckpointReader(base_dir)
     ft_readers = [CheckpointReader(d) for d in ft_dirs]
     jobs, notes = plan_jobs(base_reader, ft_readers, finetuned, spec)
@@ -312,15 +329,21 @@ def run_delta(base: str, finetuned: list[str], spec: DeltaSpec, output: Path, *,
     sidecar = {
         "kind": "delta",
         "llmprune_version": __version__,
-        "base_model": {"id": base, "revision": snapshot_revision(base_dir),
-                       "model_type": getattr(base_config, "model_type", None)},
-        "finetuned": [{"id": f, "revision": snapshot_revision(d), "weight": w}
-                      for f, d, w in zip(finetuned, ft_dirs, spec.weights)],
+        "base_model": base_model_entry(base, revision=snapshot_revision(base_dir),
+                                       model_type=getattr(base_config, "model_type", None), path=base_dir),
+        "finetuned": [{**base_model_entry(f, revision=snapshot_revision(d), model_type=getattr(c, "model_type", None),
+                                          path=d), "weight": w}
+                      for f, d, c, w in zip(finetuned, ft_dirs, ft_configs, spec.weights)],
         "recipe": recipe,
         "delta": {"method": spec.method, "drop_rate": spec.drop_rate, "rescale": rescale_text,
                   "q": spec.rescale.q, "lambda": spec.lam, "seed": spec.seed,
                   "achieved_density": None if achieved is None else round(achieved, 6),
-                  "excluded": [j.name for j in jobs if not j.prune], "notes": notes, "tensors": tensors},
+                  "excluded": [j.name for j in jobs if not j.prune],
+                  # what happened to the excluded tensors (compute_tensor): copied from the (first)
+                  # fine-tune, or, with several fine-tunes, merged without dropping any delta entry
+                  "copied": [j.name for j in jobs if not j.prune and (len(finetuned) == 1 or not _mergeable(j))],
+                  "merged_dense": [j.name for j in jobs if not j.prune and len(finetuned) > 1 and _mergeable(j)],
+                  "notes": notes, "tensors": tensors},
     }
     if q_search is not None:
         sidecar["delta"]["q_search"] = {"objective": "top-5 logit MSE vs the fine-tune", "loss": q_search.loss,

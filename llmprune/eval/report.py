@@ -12,6 +12,12 @@ Definitions (per task, primary metric; s_d dense, s_p pruned, c chance):
                        the pooled mean can differ slightly from the reported macro mean).
 Per suite: macro mean of the task retentions, the worst task, and the onset (the smallest sparsity
 at which the suite's retention drops below 95%).
+
+Only comparable runs are paired (llmprune/eval/comparable.py): a run evaluated with other run-wide
+settings than the dense one (perplexity window, --limit, few-shot count, ...) is refused; a task
+measured differently (other perplexity text, another task version) gets no retained % and is named in
+the report. Runs are labelled by their recipe (`wanda 0.7 owl`, not `wanda`), and a curve groups the
+runs of one method, allocation, target set and N:M pattern.
 """
 from __future__ import annotations
 
@@ -128,6 +134,8 @@ class Row:
     floor: bool
     chance: float | None
     higher_is_better: bool
+    label: str = ""                  # the run's recipe, e.g. "wanda 0.7 owl" (method is the curve it is on)
+    incomparable: str | None = None  # why this task cannot be paired with the dense run's (then no retention)
 
 
 def run_sparsity(results: dict) -> float:
@@ -146,16 +154,42 @@ def run_sparsity(results: dict) -> float:
 
 
 def run_method(results: dict) -> str:
+    """The curve a run is on: its method and what sets it apart at an equal sparsity (a non-uniform
+    layer allocation, the targeted modules, an N:M pattern): uniform and OWL Wanda are two curves."""
     sp = results.get("sparsity") or {}
     if sp.get("method"):
+        method = str(sp["method"])
+        parts = [method]
+        allocation = sp.get("allocation")
+        if isinstance(allocation, str) and allocation not in ("uniform", "mixed") and allocation not in method:
+            parts.append(allocation)
+        if isinstance(sp.get("targets"), str) and sp["targets"] and sp["targets"] not in method:
+            parts.append(f"({sp['targets']})")
         pattern = str(sp.get("pattern") or "")
         # N:M runs are their own curve (2:4 and 50% unstructured share a sparsity but not a method)
-        return f"{sp['method']} {pattern}" if ":" in pattern else str(sp["method"])
+        if ":" in pattern and pattern not in method:
+            parts.append(pattern)
+        return " ".join(parts)
     return "dense" if run_sparsity(results) == 0 else "unknown"
+
+
+def run_label(results: dict) -> str:
+    """How a run is named in tables: its recipe as llmprune.json describes it, else its curve."""
+    sp = results.get("sparsity") or {}
+    recipe = sp.get("recipe")
+    if isinstance(recipe, str) and recipe and run_method(results) != "dense":
+        return recipe
+    return run_method(results)
 
 
 def compare(dense: dict, pruned: dict, dense_items: dict | None = None, pruned_items: dict | None = None,
             iters: int = 1000, seed: int = 0) -> list[Row]:
+    """One row per task of `pruned` that `dense` has too. Raises UserError when the runs were evaluated
+    with different run-wide settings; tasks measured differently get no retention (`incomparable`)."""
+    from llmprune.eval.comparable import check_run_wide, task_differences
+
+    check_run_wide(dense, pruned)
+    differs = task_differences(dense, pruned)
     rows: list[Row] = []
     sp = pruned.get("sparsity") or {}
     for task, t in pruned["tasks"].items():
@@ -164,11 +198,12 @@ def compare(dense: dict, pruned: dict, dense_items: dict | None = None, pruned_i
             continue
         higher = bool(t.get("higher_is_better", True))
         chance = t.get("chance")
-        ret = retention(t.get("value"), d.get("value"), higher)
-        adj = chance_adjusted(t.get("value"), d.get("value"), chance) if higher else None
-        ci = None
-        if dense_items and pruned_items and task in dense_items and task in pruned_items:
-            ci = paired_bootstrap(dense_items[task], pruned_items[task], higher, iters=iters, seed=seed)
+        ret = adj = ci = None
+        if task not in differs:
+            ret = retention(t.get("value"), d.get("value"), higher)
+            adj = chance_adjusted(t.get("value"), d.get("value"), chance) if higher else None
+            if dense_items and pruned_items and task in dense_items and task in pruned_items:
+                ci = paired_bootstrap(dense_items[task], pruned_items[task], higher, iters=iters, seed=seed)
         rows.append(Row(model=str((pruned.get("model") or {}).get("name")), method=run_method(pruned),
                         pattern=str(sp.get("pattern") or ("dense" if run_sparsity(pruned) == 0 else "unstructured")),
                         sparsity=run_sparsity(pruned), achieved=float(sp.get("achieved") or 0.0),
@@ -176,7 +211,7 @@ def compare(dense: dict, pruned: dict, dense_items: dict | None = None, pruned_i
                         dense_value=d.get("value"), retention=ret, adj_retention=adj,
                         ci_lo=ci[0] if ci else None, ci_hi=ci[1] if ci else None, n=t.get("n"),
                         floor=bool(higher and is_floor(d.get("value"), chance)), chance=chance,
-                        higher_is_better=higher))
+                        higher_is_better=higher, label=run_label(pruned), incomparable=differs.get(task)))
     return rows
 
 
@@ -193,37 +228,36 @@ def suite_summary(rows: list[Row]) -> dict[str, dict]:
                       "retained_adj": sum(adj) / len(adj) if adj else None,
                       "worst_task": worst.task if worst else None,
                       "worst_retained": worst.retention if worst else None,
-                      "n_tasks": len(rs), "floor_tasks": [r.task for r in rows if r.suite == suite and r.floor]}
+                      "n_tasks": len(rs), "floor_tasks": [r.task for r in rows if r.suite == suite and r.floor],
+                      "incomparable_tasks": [r.task for r in rows if r.suite == suite and r.incomparable]}
     return out
 
 
 def baseline_block(dense: dict, pruned: dict, dense_items: dict | None, pruned_items: dict | None,
                    iters: int = 1000) -> dict[str, Any]:
     """The `baseline` block `llmprune eval --baseline` adds to results.json."""
-    rows = compare(dense, pruned, dense_items, pruned_items, iters=iters)
+    rows = compare(dense, pruned, dense_items, pruned_items, iters=iters)   # refuses run-wide differences
+    incomparable = {r.task: r.incomparable for r in rows if r.incomparable}
     ppl = {}
     for ds, v in (pruned.get("perplexity") or {}).items():
         dv = (dense.get("perplexity") or {}).get(ds)
         if dv is not None:
-            ppl[ds] = {"value": v, "dense_value": dv, "retained": retention(v, dv, False),
-                       "ratio": v / dv if dv else None}
-    keys = ("seqlen", "max_length", "limit", "softmax_dtype", "apply_chat_template")
-    ds, ps = dense.get("settings") or {}, pruned.get("settings") or {}
-    warnings = [f"{k} differs from the baseline ({ds.get(k)} vs {ps.get(k)}): numbers are not comparable"
-                for k in keys if k in ds and k in ps and ds[k] != ps[k]]
-    if (dense.get("seed") or {}) != (pruned.get("seed") or {}) and dense.get("seed") and pruned.get("seed"):
-        warnings.append("lm-eval seeds differ from the baseline (few-shot examples differ)")
+            why = incomparable.get(f"ppl_{ds}")
+            ppl[ds] = {"value": v, "dense_value": dv, "retained": None if why else retention(v, dv, False),
+                       "ratio": None if why or not dv else v / dv, "incomparable": why}
+    warnings = [f"{task} is not compared with the baseline: {why}" for task, why in incomparable.items()]
     return {"path": dense.get("_dir"), "model": (dense.get("model") or {}).get("name"), "warnings": warnings,
             "sparsity": (dense.get("sparsity") or {}).get("achieved"),
             "tasks": {r.task: {"value": r.value, "dense_value": r.dense_value, "retained": r.retention,
                                "retained_adj": r.adj_retention, "floor": r.floor,
-                               "ci95": [r.ci_lo, r.ci_hi] if r.ci_lo is not None else None} for r in rows},
+                               "ci95": [r.ci_lo, r.ci_hi] if r.ci_lo is not None else None,
+                               "incomparable": r.incomparable} for r in rows},
             "suites": suite_summary(rows), "perplexity": ppl}
 
 
 def pick_baseline(runs: list[dict], baseline_dir: str | None = None) -> dict:
     if baseline_dir is not None:
-        from llmprune.eval.harness import read_results
+        from llmprune.eval.results import read_results
 
         return read_results(baseline_dir)
     dense = [r for r in runs if run_sparsity(r) == 0 or run_method(r) == "dense"]
@@ -247,10 +281,14 @@ def _fmt_value(x: float | None) -> str:
 def build_report(result_dirs: list[str], out_dir: Path, baseline_dir: str | None = None,
                  iters: int = 1000, plots: bool = True) -> dict[str, Any]:
     """Write report.md, report.csv (long format), report.json and PNG plots into `out_dir`."""
-    from llmprune.eval.harness import read_items, read_results
+    from llmprune.eval.results import read_items, read_results
+
+    from llmprune.eval.comparable import check_run_wide
 
     runs = [read_results(d) for d in result_dirs]
     dense = pick_baseline(runs, baseline_dir)
+    for run in runs:                 # refuse incomparable runs before any work
+        check_run_wide(dense, run)
     dense_items = read_items(dense["_dir"])
     if all(r["_dir"] != dense["_dir"] for r in runs):
         runs.insert(0, dense)
@@ -261,7 +299,7 @@ def build_report(result_dirs: list[str], out_dir: Path, baseline_dir: str | None
         rrows = compare(dense, run, dense_items, read_items(run["_dir"]), iters=iters)
         rows += rrows
         for suite, s in suite_summary(rrows).items():
-            summaries.append({"method": run_method(run), "sparsity": run_sparsity(run),
+            summaries.append({"method": run_method(run), "label": run_label(run), "sparsity": run_sparsity(run),
                               "achieved": (run.get("sparsity") or {}).get("achieved"), "suite": suite, **s})
     onset: dict[tuple[str, str], float | str | None] = {}
     for s in summaries:
@@ -280,8 +318,8 @@ def build_report(result_dirs: list[str], out_dir: Path, baseline_dir: str | None
 
     with open(out_dir / "report.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        cols = ["model", "method", "pattern", "sparsity", "achieved", "suite", "task", "metric", "value",
-                "dense_value", "retention", "adj_retention", "ci_lo", "ci_hi", "n", "floor", "chance"]
+        cols = ["model", "label", "method", "pattern", "sparsity", "achieved", "suite", "task", "metric", "value",
+                "dense_value", "retention", "adj_retention", "ci_lo", "ci_hi", "n", "floor", "chance", "incomparable"]
         w.writerow(cols)
         for r in rows:
             w.writerow([getattr(r, c) if getattr(r, c) is not None else "" for c in cols])
@@ -290,16 +328,24 @@ def build_report(result_dirs: list[str], out_dir: Path, baseline_dir: str | None
              f"Dense baseline: `{dense['_dir']}` ({(dense.get('model') or {}).get('name')}).",
              "Retained % = 100·pruned/dense (dense/pruned for perplexity-like metrics); chance-adj. = "
              "100·(pruned−chance)/(dense−chance); CI = paired per-item bootstrap 95%; "
-             "floor = dense within 5 points of chance (excluded from the suite means and worst task).", "",
-             "## Suites", "",
-             "| suite | method | sparsity | achieved | retained % (raw) | retained % (chance-adj.) | worst task (raw %) "
-             "| floor tasks (excluded) |",
-             "|---|---|---:|---:|---:|---:|---|---|"]
+             "floor = dense within 5 points of chance (excluded from the suite means and worst task).", ""]
+    lines += _runs_section(runs)
+    not_compared = [r for r in rows if r.incomparable]
+    if not_compared:
+        lines += ["## Not compared", "",
+                  "These tasks were measured differently in the dense run, so they have no retained % and are "
+                  "left out of the suite means:", "",
+                  "| run | task | why |", "|---|---|---|"]
+        lines += [f"| {r.label} | {r.task} | {r.incomparable} |" for r in not_compared] + [""]
+    lines += ["## Suites", "",
+              "| suite | method | sparsity | achieved | retained % (raw) | retained % (chance-adj.) | worst task (raw %) "
+              "| floor tasks (excluded) | not compared |",
+              "|---|---|---:|---:|---:|---:|---|---|---|"]
     for s in sorted(summaries, key=lambda s: (s["suite"], s["method"] != "dense", s["method"], s["sparsity"])):
         worst = f"{s['worst_task']} ({_fmt(s['worst_retained'])})" if s["worst_task"] else "n/a"
-        lines.append(f"| {s['suite']} | {s['method']} | {s['sparsity']:.0%} | {_fmt((s['achieved'] or 0) * 100)}% | "
+        lines.append(f"| {s['suite']} | {s['label']} | {s['sparsity']:.0%} | {_fmt((s['achieved'] or 0) * 100)}% | "
                      f"{_fmt(s['retained'])} | {_fmt(s['retained_adj'])} | {worst} | "
-                     f"{', '.join(s['floor_tasks']) or '-'} |")
+                     f"{', '.join(s['floor_tasks']) or '-'} | {', '.join(s['incomparable_tasks']) or '-'} |")
     if onset:
         lines += ["", "Onset (smallest sparsity with suite retention < 95%): " + "; ".join(
             f"{suite} / {method}: {'none' if v is None else v if isinstance(v, str) else f'{v:.0%}'}"
@@ -309,8 +355,8 @@ def build_report(result_dirs: list[str], out_dir: Path, baseline_dir: str | None
               "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: (r.suite, r.task, r.method != "dense", r.method, r.sparsity)):
         ci = f"{_fmt(r.ci_lo)}–{_fmt(r.ci_hi)}" if r.ci_lo is not None else ""
-        note = "floor" if r.floor else ""
-        lines.append(f"| {r.suite} | {r.task} | {r.metric} | {r.method} | {r.sparsity:.0%} | {_fmt_value(r.value)} | "
+        note = f"not comparable: {r.incomparable}" if r.incomparable else "floor" if r.floor else ""
+        lines.append(f"| {r.suite} | {r.task} | {r.metric} | {r.label} | {r.sparsity:.0%} | {_fmt_value(r.value)} | "
                      f"{_fmt_value(r.dense_value)} | {_fmt(r.retention)} | {ci} | {_fmt(r.adj_retention)} | "
                      f"{r.n if r.n is not None else ''} | {note} |")
     plot_files: list[str] = []
@@ -330,11 +376,32 @@ def build_report(result_dirs: list[str], out_dir: Path, baseline_dir: str | None
     return data
 
 
+def _runs_section(runs: list[dict]) -> list[str]:
+    """One row per run: where it is, its recipe, and the settings that decide comparability."""
+    lines = ["## Runs", "", "| run | recipe | sparsity | achieved | window (seqlen) | limit | perplexity text |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for run in runs:
+        settings = run.get("settings") if isinstance(run.get("settings"), dict) else {}
+        texts = sorted({str(d.get("source")) for d in (run.get("perplexity_details") or {}).values()
+                        if isinstance(d, dict) and d.get("source")})
+        texts = [Path(t).name if "/" in t else t for t in texts]
+        achieved = (run.get("sparsity") or {}).get("achieved")
+        lines.append(f"| `{Path(str(run.get('_dir'))).name}` | {run_label(run)} | {run_sparsity(run):.0%} | "
+                     f"{_fmt(100 * achieved) + '%' if isinstance(achieved, (int, float)) else 'n/a'} | "
+                     f"{settings.get('seqlen', 'n/a')} | {settings.get('limit') if settings.get('limit') is not None else 'all'} | "
+                     f"{', '.join(texts) or '-'} |")
+    return lines + [""]
+
+
 def summary_table(data: dict) -> str:
     """A short plain-text table of suite retention for the terminal."""
-    out = [f"{'suite':<16} {'method':<10} {'sparsity':>8} {'retained%':>10} {'adj%':>8}  worst task"]
-    for s in sorted(data["suites"], key=lambda s: (s["suite"], s["method"] != "dense", s["method"], s["sparsity"])):
+    suites = sorted(data["suites"], key=lambda s: (s["suite"], s["method"] != "dense", s["method"], s["sparsity"]))
+    width = max([10] + [len(s.get("label") or s["method"]) for s in suites])
+    out = [f"{'suite':<16} {'method':<{width}} {'sparsity':>8} {'retained%':>10} {'adj%':>8}  worst task"]
+    for s in suites:
         worst = f"{s['worst_task']} ({_fmt(s['worst_retained'])})" if s["worst_task"] else ""
-        out.append(f"{s['suite']:<16} {s['method']:<10} {s['sparsity']:>8.0%} {_fmt(s['retained']):>10} "
-                   f"{_fmt(s['retained_adj']):>8}  {worst}")
+        if s.get("incomparable_tasks"):
+            worst += f"  [not compared: {', '.join(s['incomparable_tasks'])}]"
+        out.append(f"{s['suite']:<16} {s.get('label') or s['method']:<{width}} {s['sparsity']:>8.0%} "
+                   f"{_fmt(s['retained']):>10} {_fmt(s['retained_adj']):>8}  {worst}")
     return "\n".join(out)

@@ -41,7 +41,7 @@ from llmprune.errors import UserError
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-CORRUPT_FIX = "re-download or re-save it"
+CORRUPT_FIX = "copy or download it again, or re-save it"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 # safetensors dtype codes <-> torch dtype names (names, so this module imports without torch).

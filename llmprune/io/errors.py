@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from llmprune.errors import UserError
+from llmprune.io.checkpoint import CORRUPT_FIX
 
 # import name -> what to pip install (only where the two differ or an extra is the right answer)
 _PIP_NAMES = {"triton": "'llmprune[kernels]' (or pip install triton)", "lm_eval": "lm-eval",
@@ -23,15 +24,12 @@ _PIP_NAMES = {"triton": "'llmprune[kernels]' (or pip install triton)", "lm_eval"
 
 
 def check_safetensors(files: Iterable[str | os.PathLike]) -> None:
-    """Read each file's header (cheap: no tensor data) and refuse a truncated or corrupt one by name."""
-    from safetensors import SafetensorError, safe_open
+    """Read each file's header (cheap: no tensor data) and refuse a truncated or corrupt one by name
+    (the IO layer's header check: it also sees data offsets that run past the end of the file)."""
+    from llmprune.io.checkpoint import read_header
 
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise UserError(f"{path} is truncated or corrupt ({_first_line(exc)}); copy or download it again") from None
+        read_header(path)
 
 
 def local_weight_files(directory: str | os.PathLike) -> list[Path]:
@@ -95,6 +93,10 @@ def explain(exc: BaseException, where: str | os.PathLike | None = None) -> UserE
         return disk_full_error(getattr(exc, "filename", None) or where or os.getcwd())
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         top = exc.name.split(".")[0]
+        if top == "llmprune":
+            # one of our own modules is missing: a broken install, not a package the user should add
+            return UserError(f"this llmprune install is incomplete ({exc.name} is missing); reinstall it with "
+                             "pip install --force-reinstall llmprune (or pip install -e . in a checkout)")
         return UserError(f"the Python package {top!r} is needed here but not installed; "
                          f"pip install {_PIP_NAMES.get(top, top)}")
     if "Weights only load failed" in text or "UnpicklingError" in type(exc).__name__:
@@ -106,7 +108,7 @@ def explain(exc: BaseException, where: str | os.PathLike | None = None) -> UserE
         if where and Path(where).is_dir():
             check_safetensors(local_weight_files(where))       # names the damaged file when it can
         return UserError(f"a safetensors file{f' in {where}' if where else ''} is truncated or corrupt "
-                         f"({_first_line(exc)}); copy or download it again")
+                         f"({_first_line(exc)}); {CORRUPT_FIX}")
     if "ignore_mismatched_sizes" in text or "size mismatch" in text:
         return UserError(f"the weights{f' in {where}' if where else ''} do not match the shapes config.json "
                          "describes; the weights and config.json are from different models")
@@ -117,17 +119,3 @@ def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
 
-
-def render_card_checked(directory: str | os.PathLike, repo_id: str | None = None) -> str:
-    """`render_card`, with a sidecar or eval results of the wrong layout (hand-edited, another tool's)
-    reported as one line naming the files instead of an internal error."""
-    from llmprune.io.card import EVAL_RESULTS, render_card
-
-    try:
-        return render_card(directory, repo_id=repo_id)
-    except (AttributeError, TypeError, KeyError, IndexError) as exc:
-        files = [Path(directory) / "llmprune.json"]
-        if (Path(directory) / EVAL_RESULTS).is_file():
-            files.append(Path(directory) / EVAL_RESULTS)
-        raise UserError(f"{' or '.join(map(str, files))} does not have the layout llmprune writes "
-                        f"({type(exc).__name__}: {_first_line(exc)}); rerun the command that wrote it") from exc

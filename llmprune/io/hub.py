@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from llmprune.errors import UserError
-from llmprune.io.card import CARD_NAME, is_generated_card, write_card
-from llmprune.io.errors import render_card_checked
-from llmprune.io.save import read_sidecar
+from llmprune.io.card.files import CARD_NAME, is_generated_card, write_card
+from llmprune.io.card.render import eval_status, render_card_checked
+from llmprune.io.sidecar import read_sidecar
 
 # Files in a repo that decide which weights transformers loads: a stale one left over from an
 # earlier push (e.g. `model.safetensors` next to new shards) would silently shadow the new weights.
@@ -44,27 +44,32 @@ class PushResult:
     dry_run: bool
     commit_url: str | None = None
     deleted: list[str] = field(default_factory=list)
+    eval_status: str | None = None  # eval/results.json: "verified", "unverified" or None (no results)
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
 
-def check_repo_id(repo_id: str) -> str:
-    """Validate REPO_ID (`name` or `namespace/name`) before any work; returns it stripped."""
+def check_repo_id(repo_id: str, option: str | None = None) -> str:
+    """Validate REPO_ID (`name` or `namespace/name`) before any work; returns it stripped. `option`
+    names the flag that gave it (`--base-model`) in messages."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
+    what = f"{option}: the" if option else "the"
     if not isinstance(repo_id, str) or not repo_id.strip():
-        raise UserError("the Hub repository id is empty; give NAMESPACE/NAME, e.g. alice/llama-3-8b-wanda-2of4")
+        raise UserError(f"{what} Hub repository id is empty; give NAMESPACE/NAME, e.g. alice/llama-3-8b-wanda-2of4")
     repo_id = repo_id.strip()
+    prefix = f"{option} " if option else ""
     if repo_id.startswith(("http://", "https://")):
-        raise UserError(f"give the Hub repository id, not a URL ({repo_id}); e.g. alice/my-model")
+        raise UserError(f"{prefix}give the Hub repository id, not a URL ({repo_id}); e.g. alice/my-model")
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise UserError(f"{repo_id!r} is not a valid Hub repository id: use NAMESPACE/NAME with letters, digits, "
-                        "'-', '_' or '.' (no '--' or '..', at most 96 characters each, not ending in .git)") from None
+        raise UserError(f"{prefix}{repo_id!r} is not a valid Hub repository id: use NAMESPACE/NAME with letters, "
+                        "digits, '-', '_' or '.' (no '--' or '..', at most 96 characters each, not ending in .git)"
+                        ) from None
     return repo_id
 
 
@@ -86,15 +91,21 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def plan_upload(directory: str | os.PathLike, repo_id: str | None = None) -> tuple[list[UploadFile], str, bool]:
-    """(files to send, card text, card_generated). The card replaces README.md unless that was hand-written."""
+def plan_upload(directory: str | os.PathLike, repo_id: str | None = None,
+                base_model: str | None = None) -> tuple[list[UploadFile], str, bool]:
+    """(files to send, card text, card_generated). The card replaces README.md unless that was hand-written.
+    Eval results measured on other weights are refused even then (they would be uploaded beside it)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a directory; give an llmprune output directory")
     read_sidecar(directory)  # "not an llmprune output" is a UserError
     readme = directory / CARD_NAME
     generated = is_generated_card(readme)
-    card = render_card_checked(directory, repo_id=repo_id) if generated else readme.read_text(encoding="utf-8")
+    if generated:
+        card = render_card_checked(directory, repo_id=repo_id, base_model=base_model)
+    else:
+        eval_status(directory)
+        card = readme.read_text(encoding="utf-8")
     files: list[UploadFile] = []
     for path in sorted(directory.rglob("*")):
         if not path.is_file() or not _visible(path, directory):
@@ -108,11 +119,12 @@ def plan_upload(directory: str | os.PathLike, repo_id: str | None = None) -> tup
     return files, card, generated
 
 
-def default_commit_message(directory: str | os.PathLike) -> str:
+def default_commit_message(directory: str | os.PathLike, base_model: str | None = None) -> str:
     from llmprune import __version__
+    from llmprune.io.card.models import hub_id
 
     sidecar = read_sidecar(directory)
-    base = (sidecar.get("base_model") or {}).get("id")
+    base = base_model or hub_id(sidecar.get("base_model"), sidecar)   # never a local path
     kind = sidecar.get("kind")
     what = {"compress": "pruned model", "delta": "delta-sparsified model", "pack": "packed 2:4 model"}.get(kind, kind)
     return f"Upload {what}" + (f" from {base}" if base else "") + f" (llmprune {__version__})"
@@ -186,21 +198,25 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def push_output(directory: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None, dry_run: bool = False) -> PushResult:
+                commit_message: str | None = None, dry_run: bool = False, base_model: str | None = None) -> PushResult:
     """Create the repo if missing and upload DIR (with a fresh card) as one commit.
 
     `dry_run` decides everything (files, sizes, card) and touches no network. After a successful
     commit a generated card is written to DIR/README.md; a failure leaves DIR unchanged.
+    `base_model`: the Hub id of the base model, for the card (`--base-model`).
     """
     repo_id = check_repo_id(repo_id)
+    if base_model is not None:
+        base_model = check_repo_id(base_model, "--base-model")
     directory = Path(directory).expanduser()
     if revision is not None and not revision.strip():
         raise UserError("--revision is empty; give a branch name or leave it out for main")
     card_repo_id = repo_id if "/" in repo_id else None
-    files, card, generated = plan_upload(directory, repo_id=card_repo_id)
-    message = commit_message or default_commit_message(directory)
+    files, card, generated = plan_upload(directory, repo_id=card_repo_id, base_model=base_model)
+    status = eval_status(directory)
+    message = commit_message or default_commit_message(directory, base_model)
     if dry_run:
-        return PushResult(repo_id, revision, files, card, generated, dry_run=True)
+        return PushResult(repo_id, revision, files, card, generated, dry_run=True, eval_status=status)
 
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
@@ -224,7 +240,7 @@ def push_output(directory: str | os.PathLike, repo_id: str, private: bool = Fals
                 raise UserError(f"cannot tell which account {repo_id} belongs to; give NAMESPACE/{repo_id}")
             repo_id = f"{user}/{repo_id}"
             # The card's usage snippet names the repo: render it again with the full id.
-            files, card, generated = plan_upload(directory, repo_id=repo_id)
+            files, card, generated = plan_upload(directory, repo_id=repo_id, base_model=base_model)
         api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -247,7 +263,7 @@ def push_output(directory: str | os.PathLike, repo_id: str, private: bool = Fals
     if generated:
         write_card(directory, card)
     return PushResult(repo_id, revision, files, card, generated, dry_run=False,
-                      commit_url=str(getattr(info, "commit_url", "") or ""), deleted=stale)
+                      commit_url=str(getattr(info, "commit_url", "") or ""), deleted=stale, eval_status=status)
 
 
 def format_size(n: int) -> str:

@@ -24,8 +24,6 @@ from llmprune.errors import UserError
 from llmprune.io.files import dir_bytes, format_bytes
 
 RECIPE_NAME = "recipe.yaml"
-# The sidecar's reader/writer lives in llmprune.io.sidecar; these names stay importable from here.
-from llmprune.io.sidecar import SIDECAR_NAME, read_sidecar, write_json, write_sidecar  # noqa: E402,F401
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool,

@@ -3,8 +3,10 @@
 Sparsity and provenance live here, never in `config.json`'s `quantization_config` (vLLM >= 0.24
 rejects checkpoints carrying a vestigial sparsity_config).
 
-Common keys: `format_version`, `kind` (compress | delta | pack), `base_model` (`base_model_entry`),
-`recipe` (as run), `wall_time_s`, `peak_memory`, `versions`, `command`.
+Common keys: `format_version`, `kind` (compress | delta | pack), `base_model` (`base_model_entry`:
+{id, revision, model_type, path, local, and when known hub_id, license}), `recipe` (as run),
+`wall_time_s` (the whole command that wrote the directory), `peak_memory`, `versions`, `command`,
+`fingerprint` (of the weights written beside it: `llmprune.io.identity.model_fingerprint`).
 `kind: compress` (format 2) adds:
 - `calibration`: {source, split, samples, seqlen, seed, tokens};
 - `stages`: one record per recipe stage, in order: {index, method, kind, params, target, achieved,
@@ -72,28 +74,80 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def write_sidecar(directory: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
-    """Write `llmprune.json`. `sidecar` must have at least `kind` (compress|delta|pack)."""
+    """Write `llmprune.json` beside the weights already written to `directory`. `sidecar` must have at
+    least `kind` (compress|delta|pack). The fingerprint of those weights is always recomputed here (a
+    sidecar copied from another directory, as pack does, must not carry the source's)."""
+    from llmprune.io.identity import model_fingerprint
+
     if "kind" not in sidecar:
         raise ValueError("sidecar needs a 'kind'")
     data = {"format_version": FORMAT_VERSION, **sidecar}
     data.setdefault("versions", versions())
     data.setdefault("command", command_line())
+    fingerprint = model_fingerprint(directory)
+    if fingerprint is None:
+        data.pop("fingerprint", None)
+    else:
+        data["fingerprint"] = fingerprint
     path = Path(directory) / SIDECAR_NAME
     write_json(path, data)
     return path
 
 
-def base_model_entry(name: str, *, revision: str | None = None, model_type: str | None = None) -> dict[str, Any]:
-    """The one shape of `base_model` (and of each `finetuned` entry): what the user named, the Hub
-    revision, the model type, the resolved path and whether it is local."""
+def base_model_entry(name: str, *, revision: str | None = None, model_type: str | None = None,
+                     hub_id: str | None = None, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The one shape of `base_model` (and of each `finetuned` entry of a delta): what the user named,
+    the Hub revision, the model type, the resolved path and whether it is local; plus, when known,
+    `hub_id` (given with --base-model, or recovered from a Hub cache snapshot folder
+    `…/models--ORG--NAME/snapshots/REV`, whose REV is then the revision) and `license` (from the
+    model's README.md front matter or config.json). `path`: the local folder the weights were read
+    from, when the caller knows it (a downloaded Hub model's snapshot)."""
+    from llmprune.io.identity import hub_cache_dir, hub_snapshot_id, read_license
     from llmprune.io.load import is_local_model, resolve_model_path
 
-    try:
-        path = resolve_model_path(name)
-    except UserError:
-        path = name
-    return {"id": name, "revision": revision, "model_type": model_type, "path": str(path),
-            "local": is_local_model(name)}
+    if path is None:
+        try:
+            path = resolve_model_path(name)
+        except UserError:
+            path = name
+    local = is_local_model(name)
+    if Path(str(path)).expanduser().is_dir():     # absolute: the card may read the folder again later
+        path = Path(str(path)).expanduser().absolute()
+    entry: dict[str, Any] = {"id": name, "revision": revision, "model_type": model_type, "path": str(path),
+                             "local": local}
+    snapshot = hub_snapshot_id(path) if Path(str(path)).expanduser().is_dir() else None
+    if hub_id:
+        entry["hub_id"] = hub_id
+    elif snapshot is not None:
+        entry["hub_id"] = snapshot[0]
+    if snapshot is not None and not entry["revision"] and (not hub_id or hub_id == snapshot[0]):
+        entry["revision"] = snapshot[1]
+    model_dir = Path(str(path)).expanduser()
+    if not model_dir.is_dir() and not local:        # a Hub id: its snapshot, if the cache has it
+        model_dir = hub_cache_dir(name, revision)
+    license_info = read_license(model_dir)
+    if license_info:
+        entry.update(license_info)
+    return entry
+
+
+def base_model_hub_id(entry: dict[str, Any]) -> str | None:
+    """The Hub id recorded for, or recoverable from, a `base_model` / `finetuned` entry: `hub_id`, else a
+    Hub cache snapshot folder in `path` or `id` (sidecars written before `hub_id` existed). None
+    otherwise (then `id` itself may be a Hub id: the card decides)."""
+    from llmprune.io.identity import hub_snapshot_id
+
+    if not isinstance(entry, dict):
+        return None
+    if isinstance(entry.get("hub_id"), str) and entry["hub_id"]:
+        return entry["hub_id"]
+    for key in ("path", "id"):
+        value = entry.get(key)
+        if isinstance(value, str) and "models--" in value:
+            snapshot = hub_snapshot_id(value)
+            if snapshot is not None:
+                return snapshot[0]
+    return None
 
 
 def compress_sidecar(report, base_model: dict[str, Any], **extra) -> dict[str, Any]:
@@ -233,9 +287,12 @@ def eval_summary(directory: str | os.PathLike) -> dict[str, Any]:
     records = stages(sidecar)
     structured = is_structured(sidecar)
     single_prune = len(records) == 1 and records[0].get("kind") == "prune"
+    params = records[-1].get("params") if single_prune and isinstance(records[-1].get("params"), dict) else {}
     out = {"target": sparsity.get("target"), "pattern": sparsity.get("pattern"),
            "method": records[-1].get("method") if single_prune else describe(sidecar),
-           "recipe": describe(sidecar), "source": str(Path(directory) / SIDECAR_NAME)}
+           "recipe": describe(sidecar), "source": str(Path(directory) / SIDECAR_NAME),
+           "allocation": params.get("allocation") or sparsity.get("allocation"),
+           "targets": params.get("targets"), "ignore": params.get("ignore")}
     if structured:
         out["parameters"] = parameters(sidecar)
         out["removed"] = removed_fraction(sidecar)

@@ -67,4 +67,6 @@ def get_method(name: str) -> MethodSpec:
 
 
 # Importing the modules registers them.
-from llmprune.methods import magnitude, sparsegpt, wanda  # noqa: E402,F401
+from llmprune.methods import alps, magnitude, sparsegpt, wanda  # noqa: E402,F401
+# Mask refinement, refit and channel permutation: helpers the engine applies around a method.
+from llmprune.methods import dsnot, permute, refit  # noqa: E402,F401
