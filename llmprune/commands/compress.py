@@ -133,10 +133,12 @@ def build_recipe(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from llmprune import distributed
+    from llmprune.io.workdir import release_locks
 
     try:
         return _run(args)
     finally:
+        release_locks()
         distributed.shutdown()
 
 

@@ -31,6 +31,7 @@ from llmprune.errors import UserError
 
 JOURNAL = "journal.json"
 JOURNAL_VERSION = 1
+_HELD: "set[WorkDir]" = set()        # folders this process holds the lock of (released when the command ends)
 
 # fingerprint key -> how a message names it
 FINGERPRINT_LABELS = {"recipe": "recipe", "model": "model (path, revision or weights)",
@@ -91,11 +92,13 @@ class WorkDir:
         except OSError:
             pass                                   # no flock on this filesystem: nothing to guard with
         self._lock = fd
+        _HELD.add(self)
 
     def unlock(self) -> None:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+        _HELD.discard(self)
 
     def in_use(self) -> bool:
         """True when a live process holds the folder's lock."""
@@ -134,6 +137,13 @@ class WorkDir:
     def remove(self) -> None:
         self.unlock()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def release_locks() -> None:
+    """Let go of every work folder this process locked (a command that ended, also by an error or
+    Ctrl-C: the Python API or a test may run the next command in the same process)."""
+    for work in list(_HELD):
+        work.unlock()
 
 
 def describe_progress(journal: dict) -> str:
