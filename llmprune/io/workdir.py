@@ -146,6 +146,25 @@ def release_locks() -> None:
         work.unlock()
 
 
+def return_freed_memory() -> None:
+    """Make glibc hand freed tensor buffers back to the OS. By default its mmap threshold grows to
+    32 MiB after the first large free, so a layer's weights (a few MiB each) then come from the heap,
+    and the heap, fragmented by calibration temporaries, keeps growing by most of a layer per layer
+    (measured: 0.6 -> 3.1 GiB RSS over 85 layers). A fixed 1 MiB threshold keeps RSS flat; it must be
+    set before the heap is built up (called when a compress command starts: set late, it did not help)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)     # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
+    except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to tune
+        pass
+
+
 def describe_progress(journal: dict) -> str:
     """'stage 1 (sparsegpt): 17 of 32 layers done' for messages."""
     current = journal.get("current")
