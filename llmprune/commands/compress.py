@@ -135,10 +135,6 @@ def run(args: argparse.Namespace) -> int:
     from llmprune import distributed
     from llmprune.io.workdir import release_locks
 
-    if not args.in_memory:
-        from llmprune.io.workdir import return_freed_memory
-
-        return_freed_memory()                          # before the heap grows (see there)
     try:
         return _run(args)
     finally:

@@ -37,7 +37,7 @@ from llmprune.calibration.streaming import LayerStore, layer_linear_zeros
 from llmprune.errors import UserError
 from llmprune.io.checkpoint import CheckpointReader, ShardWriter, dtype_code
 from llmprune.io.files import format_bytes
-from llmprune.io.workdir import WorkDir, fsync_path
+from llmprune.io.workdir import WorkDir, fsync_path, trim_heap
 from llmprune.masks import sparsity_of
 from llmprune.report import ModuleResult, StageRecord
 
@@ -554,6 +554,7 @@ class StreamedLayers(LayerStore):
                 shutil.rmtree(old, ignore_errors=True)
         self._forget_masks(layer)
         _release(layer)
+        trim_heap()
 
     def _forget_masks(self, layer: nn.Module) -> None:
         if self.ctx is not None:
@@ -587,6 +588,7 @@ class StreamedLayers(LayerStore):
                 shutil.rmtree(stale, ignore_errors=True)
         self._stale_act = []
         _release(layer)
+        trim_heap()
         _test_stop(ctx.index, index)
 
     def _write_layer(self, index: int, new: int, layer: nn.Module) -> None:
