@@ -30,9 +30,12 @@ BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # tokenizer
 
 
-def build_tokenizer(texts: Sequence[str], vocab_size: int):
+def build_tokenizer(texts: Sequence[str], vocab_size: int, individual_digits: bool = False):
     """Train a byte-level BPE (GPT-2 style pre-tokenizer, no prefix space) on `texts`.
 
+    `individual_digits` splits every digit into its own token first (as Llama does), so numbers
+    are digit sequences rather than arbitrary BPE chunks ("100" vs "1" "00"): what a model that
+    must learn arithmetic needs.
     Returns a `PreTrainedTokenizerFast` with bos/eos/pad set; it adds no special tokens on its own
     (the calibration/perplexity code tokenizes with add_special_tokens=False anyway).
     """
@@ -40,7 +43,9 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if individual_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -160,13 +165,16 @@ def unigram_perplexity(train_tokens: torch.Tensor, test_tokens: torch.Tensor, vo
 
 
 def llama_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
-                 seqlen: int, tie_embeddings: bool, tokenizer, dtype: str = "float32"):
+                 seqlen: int, tie_embeddings: bool, tokenizer, dtype: str = "float32",
+                 max_positions: int | None = None):
+    """`max_positions`: the config's max_position_embeddings (default max(2048, seqlen), as the
+    benchmark models always had; pass `seqlen` to state the context the model was trained on)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max(2048, seqlen), rope_theta=10000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=max_positions or max(2048, seqlen), rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=tie_embeddings, initializer_range=0.02,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, dtype=dtype,
@@ -176,12 +184,18 @@ def llama_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads
 def train_stdlib_llama(out_dir: Path, *, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int,
                        intermediate: int, seqlen: int, batch_size: int, steps: int, lr: float,
                        max_wall_s: float, seed: int, tie_embeddings: bool, save_dtype: str = "float32",
-                       eval_windows: int | None = None, readme: str | None = None, threads: int = 1) -> dict:
+                       eval_windows: int | None = None, readme: str | None = None, threads: int = 1,
+                       extra_texts: Sequence[str] = (), stdlib_repeats: int = 1, individual_digits: bool = False,
+                       max_positions: int | None = None) -> dict:
     """Train tokenizer + Llama on stdlib train, save to `out_dir`, return the metadata dict.
 
     `threads`: torch CPU threads while training. One thread is the default: it makes the result
     independent of the machine's core count, and on a shared 2-core box it is faster than two
     oversubscribed threads.
+    `extra_texts`: more training documents (the tokenizer is trained on them too); the training
+    stream is the stdlib train tokens `stdlib_repeats` times followed by the extra documents' tokens,
+    and windows are drawn uniformly from it, so the repeats set the stdlib share of training.
+    `individual_digits` / `max_positions`: see `build_tokenizer` / `llama_config`.
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -190,14 +204,17 @@ def train_stdlib_llama(out_dir: Path, *, vocab_size: int, hidden: int, layers: i
                                    kv_heads=kv_heads, intermediate=intermediate, seqlen=seqlen,
                                    batch_size=batch_size, steps=steps, lr=lr, max_wall_s=max_wall_s, seed=seed,
                                    tie_embeddings=tie_embeddings, save_dtype=save_dtype,
-                                   eval_windows=eval_windows, readme=readme)
+                                   eval_windows=eval_windows, readme=readme, extra_texts=extra_texts,
+                                   stdlib_repeats=stdlib_repeats, individual_digits=individual_digits,
+                                   max_positions=max_positions)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train_stdlib_llama(out_dir: Path, *, vocab_size, hidden, layers, heads, kv_heads, intermediate, seqlen,
                         batch_size, steps, lr, max_wall_s, seed, tie_embeddings, save_dtype, eval_windows,
-                        readme) -> dict:
+                        readme, extra_texts=(), stdlib_repeats=1, individual_digits=False,
+                        max_positions=None) -> dict:
     from transformers import GenerationConfig, LlamaForCausalLM
 
     from llmprune.calibration.data import stdlib_texts
@@ -206,19 +223,26 @@ def _train_stdlib_llama(out_dir: Path, *, vocab_size, hidden, layers, heads, kv_
     torch.manual_seed(seed)
     train_texts, test_texts = stdlib_texts("train"), stdlib_texts("test")
     t0 = time.perf_counter()
-    tokenizer = build_tokenizer(train_texts, vocab_size)
+    tokenizer = build_tokenizer(list(train_texts) + list(extra_texts), vocab_size, individual_digits)
     train_tokens = encode_joined(tokenizer, train_texts)
     test_tokens = encode_joined(tokenizer, test_texts)
+    stream = train_tokens
+    extra_tokens = 0
+    if extra_texts:
+        extra = encode_joined(tokenizer, extra_texts)
+        extra_tokens = extra.numel()
+        stream = torch.cat([train_tokens] * stdlib_repeats + [extra])
     print(f"  tokenizer: vocab {len(tokenizer)}, train {train_tokens.numel()} tokens, "
-          f"test {test_tokens.numel()} tokens ({time.perf_counter() - t0:.1f}s)", flush=True)
+          f"test {test_tokens.numel()} tokens, extra {extra_tokens} tokens "
+          f"({time.perf_counter() - t0:.1f}s)", flush=True)
     config = llama_config(len(tokenizer), hidden, layers, heads, kv_heads, intermediate, seqlen,
-                          tie_embeddings, tokenizer)
+                          tie_embeddings, tokenizer, max_positions=max_positions)
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"  model: {n_params / 1e6:.2f}M parameters", flush=True)
     t1 = time.perf_counter()
     train_causal_lm(model, tokenizer, train_texts, steps=steps, seqlen=seqlen, batch_size=batch_size, lr=lr,
-                    seed=seed, max_wall_s=max_wall_s, tokens=train_tokens)
+                    seed=seed, max_wall_s=max_wall_s, tokens=stream)
     train_s = time.perf_counter() - t1
     if save_dtype != "float32":
         model = model.to(getattr(torch, save_dtype))
@@ -230,14 +254,15 @@ def _train_stdlib_llama(out_dir: Path, *, vocab_size, hidden, layers, heads, kv_
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=32,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False,
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     meta = {
         "parameters": n_params, "steps": getattr(model, "trained_steps", steps), "train_tokens": int(train_tokens.numel()), "test_tokens": int(test_tokens.numel()),
         "train_seconds": round(train_s, 1), "heldout_perplexity": round(ppl, 4),
-        "unigram_perplexity": round(unigram, 2), "seqlen": seqlen,
+        "unigram_perplexity": round(unigram, 2), "seqlen": seqlen, "extra_tokens": extra_tokens,
+        "stream_tokens": int(stream.numel()),
     }
     if readme is not None:
         (out_dir / "README.md").write_text(readme.format(**meta))

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Callable
 
 import torch
 from torch import nn
 
-from llmprune.arch import decoder_layers, is_linear, spec_for, weight_2d
+from llmprune.arch import Matrix, decoder_matrices, spec_for, weight_2d
 from llmprune.calibration.sets import CalibrationSet, calibration_set
 from llmprune.edits import MaskState, parameter_count, verify_config
+from llmprune.errors import UserError
 from llmprune.io.files import peak_rss_bytes
 from llmprune.io.load import resolve_device
 from llmprune.masks import sparsity_of
@@ -72,6 +74,7 @@ def _compress(model, tokenizer, recipe, calib, device, progress, teacher, store)
         if "note" in calib_set.spec:
             report.notes.append(calib_set.spec["note"])
     masks = MaskState()
+    teacher = teacher_loader(model, recipe, teacher)     # before the first stage edits the model
     use_cache = getattr(model.config, "use_cache", None)
     was_training = model.training
     model.eval()
@@ -108,16 +111,37 @@ def _compress(model, tokenizer, recipe, calib, device, progress, teacher, store)
     return model, report
 
 
+def teacher_loader(model: nn.Module, recipe: Recipe, teacher) -> Callable[[], nn.Module] | None:
+    """What a distill `heal` stage calls for the unpruned model: `teacher` (a module, or a callable that
+    returns one, called once, when the stage runs), or without one a copy of `model` taken now, but only
+    when a stage distills (the copy holds a second model in memory for the whole run)."""
+    if teacher is None:
+        if not any(kind_for(s.method).name == "heal" and s.params.get("mode") == "distill" for s in recipe.stages):
+            return None
+        teacher = copy.deepcopy(model).eval()
+    if isinstance(teacher, nn.Module):
+        return lambda: teacher
+    if not callable(teacher):
+        raise UserError(f"teacher must be a model or a function that returns one, got {type(teacher).__name__}")
+    loaded: list[nn.Module] = []
+
+    def load() -> nn.Module:
+        if not loaded:
+            loaded.append(teacher())
+        return loaded[0]
+    return load
+
+
 def final_modules(model: nn.Module, masks: MaskState) -> dict[str, ModuleResult]:
-    """Every linear of the final model's decoder layers (and any pruned head): shape, the pattern it was
+    """Every matrix of the final model's decoder layers (linears, routers, each expert's slices of the
+    fused 3-D expert parameters, `arch.decoder_matrices`) and any pruned head: shape, the pattern it was
     pruned to (None: not pruned), achieved sparsity."""
-    prefix = spec_for(model).layers
-    out = {}
-    candidates = {f"{prefix}.{i}.{n}": m for i, layer in enumerate(decoder_layers(model))
-                  for n, m in layer.named_modules() if n and is_linear(m)}
+    candidates = dict(decoder_matrices(model))
     candidates.update({n: m for n, m in model.named_modules() if m in masks.targets and n not in candidates})
-    for name, module in candidates.items():
-        weight = weight_2d(module)
-        out[name] = ModuleResult(shape=tuple(weight.shape), target=masks.targets.get(module),
+    out = {}
+    for name, target in candidates.items():
+        weight = weight_2d(target)
+        key = target.key if isinstance(target, Matrix) else target
+        out[name] = ModuleResult(shape=tuple(weight.shape), target=masks.targets.get(key),
                                  achieved=sparsity_of(weight))
     return out

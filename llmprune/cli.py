@@ -26,6 +26,7 @@ from llmprune.errors import UserError
 # Order is the order shown in --help. A module that is missing (not yet written) is skipped.
 COMMAND_MODULES = [
     "compress",
+    "heal",
     "eval",
     "report",
     "sweep",

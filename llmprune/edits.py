@@ -4,8 +4,8 @@ A stage computes first and edits second (gpt-fast's quantize two-step): it build
 keep-masks, or decides which units/layers go, and the functions here apply that to the modules and
 rewrite the config so the checkpoint stays a plain `from_pretrained`-able one.
 
-- keep-masks (unstructured / N:M): `MaskState.apply(module, weight, keep_mask)`; masks are kept for
-  the whole run (a kept weight may be exactly zero), so later stages and `heal` can respect them;
+- keep-masks (unstructured / N:M): `MaskState.apply(module or arch.Matrix, weight, keep_mask)`; masks
+  are kept for the whole run (a kept weight may be exactly zero), so later stages and `heal` can respect them;
 - coupled channel slices (width): `mask_units` makes a layer compute as if units were removed
   (zeroing the output linear's columns) while calibration is still running; `slice_units` removes
   them for real at the end of the stage, then `rewrite_group_config`;
@@ -22,45 +22,75 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmprune.arch import (Dims, Family, decoder_layers, dims_of, group_slices, is_linear, spec_for, weight_2d,
-                           write_dims)
+from llmprune.arch import (Dims, Family, Matrix, decoder_layers, decoder_matrices, dims_of, group_slices, spec_for,
+                           weight_2d, write_dims)
 from llmprune.errors import UserError
 
 
 # ---- keep-masks --------------------------------------------------------------------------------
 
+def _mask_key(target):
+    """What a keep-mask is stored under: a module (one matrix) or (module, parameter, expert)."""
+    return target.key if isinstance(target, Matrix) else target
+
+
 @dataclass
 class MaskState:
-    """Keep-masks of pruned matrices for one run, by module (identity survives renumbering)."""
-    masks: dict[nn.Module, torch.Tensor] = field(default_factory=dict)   # bool [out, in] on CPU
-    targets: dict[nn.Module, float | str] = field(default_factory=dict)  # the pattern each was pruned to
+    """Keep-masks of pruned matrices for one run. Keys: the module for a module holding one matrix (a
+    linear, a router), `(experts module, parameter, expert)` for an expert's slice of a fused 3-D
+    parameter (`arch.Matrix.key`); module identity survives renumbering. Methods take a module or a
+    `Matrix`."""
+    masks: dict[object, torch.Tensor] = field(default_factory=dict)       # bool [out, in] on CPU
+    targets: dict[object, float | str] = field(default_factory=dict)      # the pattern each was pruned to
 
-    def get(self, module: nn.Module) -> torch.Tensor | None:
-        return self.masks.get(module)
+    def get(self, module) -> torch.Tensor | None:
+        return self.masks.get(_mask_key(module))
 
-    def apply(self, module: nn.Module, weight: torch.Tensor, keep_mask: torch.Tensor,
+    def apply(self, module, weight: torch.Tensor, keep_mask: torch.Tensor,
               target: float | str | None = None) -> None:
-        """Write `weight ⊙ keep_mask` into `module` (in its own layout/dtype), combined with any mask
-        an earlier stage left: what was pruned stays pruned. `target` is the pattern it was pruned to."""
+        """Write `weight ⊙ keep_mask` into `module` (a module or a `Matrix`, in its own layout/dtype),
+        combined with any mask an earlier stage left: what was pruned stays pruned. `target` is the
+        pattern it was pruned to."""
+        key = _mask_key(module)
         keep_mask = keep_mask.to(device=weight.device, dtype=torch.bool)
-        earlier = self.masks.get(module)
+        earlier = self.masks.get(key)
         if earlier is not None:
             keep_mask = keep_mask & earlier.to(weight.device)
         stored = weight_2d(module)
         stored.copy_((weight * keep_mask).to(device=stored.device, dtype=stored.dtype))
-        self.masks[module] = keep_mask.cpu()
+        self.masks[key] = keep_mask.cpu()
         if target is not None:
-            self.targets[module] = target
+            self.targets[key] = target
 
     def forget(self, modules) -> None:
-        for module in modules:
-            self.masks.pop(module, None)
-            self.targets.pop(module, None)
+        """Drop the masks of `modules` (and of every expert slice they hold)."""
+        modules = set(modules)
+        for key in [k for k in self.masks.keys() | self.targets.keys()
+                    if (k[0] if isinstance(k, tuple) else k) in modules]:
+            self.masks.pop(key, None)
+            self.targets.pop(key, None)
+
+    def renumber_experts(self, module: nn.Module, param: str, keep: list[int]) -> None:
+        """After an expert edit kept experts `keep` (old indices, in new order) of `module.param`: their
+        masks move to the new indices, the others are dropped."""
+        new_index = {old: new for new, old in enumerate(keep)}
+        for store in (self.masks, self.targets):
+            moved = {}
+            for key in [k for k in store if isinstance(k, tuple) and k[0] is module and k[1] == param]:
+                value = store.pop(key)
+                if key[2] in new_index:
+                    moved[(module, param, new_index[key[2]])] = value
+            store.update(moved)
 
     def by_name(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """{module name: keep_mask} for the modules still in `model`."""
+        """{matrix name: keep_mask} for the matrices still in `model` (expert slices as `...gate_up_proj[5]`)."""
         names = {m: n for n, m in model.named_modules()}
-        return {names[m]: mask for m, mask in self.masks.items() if m in names}
+        out = {}
+        for key, mask in self.masks.items():
+            module = key[0] if isinstance(key, tuple) else key
+            if module in names:
+                out[names[module] if not isinstance(key, tuple) else f"{names[module]}.{key[1]}[{key[2]}]"] = mask
+        return out
 
 
 # ---- coupled channel slices -------------------------------------------------------------------------
@@ -175,6 +205,11 @@ def drop_layers(model: nn.Module, keep: list[int], masks: MaskState | None = Non
         value = getattr(config, name, None)
         if isinstance(value, int) and rule == "kept_below":
             setattr(config, name, sum(1 for i in keep if i < value))
+    if fam.moe is not None:        # which kept layers are dense vs MoE must not change with their numbers
+        from llmprune.moe.families import dense_layer_fields_after_drop
+
+        for name, value in dense_layer_fields_after_drop(config, keep).items():
+            setattr(config, name, value)
     write_dims(config, fam, num_layers=len(keep))
 
 
@@ -210,12 +245,11 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def linear_zeros(model: nn.Module) -> tuple[int, int]:
-    """(zeros, elements) over the weights of every linear inside the decoder layers."""
+    """(zeros, elements) over every matrix of the decoder layers (`arch.decoder_matrices`): the linears'
+    weights, routers, and every expert's slices of the fused 3-D expert parameters."""
     zeros = total = 0
-    for layer in decoder_layers(model):
-        for module in layer.modules():
-            if is_linear(module):
-                w = module.weight
-                zeros += int((w == 0).sum().item())
-                total += w.numel()
+    for matrix in decoder_matrices(model).values():
+        w = matrix.weight
+        zeros += int((w == 0).sum().item())
+        total += w.numel()
     return zeros, total

@@ -53,17 +53,22 @@ for _tag, _regexp in _BASE60_FREE.items():
 TOP_KEYS = ("name", "description", "calibration", "stages")
 
 
+DEFAULT_SEQLEN = 2048
+
+
 @dataclass
 class Calibration:
     data: str = "c4"
     samples: int = 128
-    seqlen: int = 2048
+    seqlen: int | None = None   # None: DEFAULT_SEQLEN, or the model's positions if it has fewer
     seed: int = 0
     batch_size: int = 8         # calibration windows per forward call (memory vs speed only)
 
     def validate(self, where: str = "calibration") -> "Calibration":
         for key in ("samples", "seqlen", "batch_size"):
             value = getattr(self, key)
+            if key == "seqlen" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{where}: '{key}' must be a positive integer, got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -71,6 +76,15 @@ class Calibration:
         if not isinstance(self.data, str) or not self.data:
             raise UserError(f"{where}: 'data' must be c4, wikitext2, stdlib or a file path")
         return self
+
+    def window(self, config) -> tuple[int, str | None]:
+        """(tokens per window for this model, a note when an asked-for length had to be cut)."""
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if self.seqlen is None:
+            return (min(DEFAULT_SEQLEN, max_pos) if max_pos else DEFAULT_SEQLEN), None
+        if max_pos and self.seqlen > max_pos:
+            return max_pos, f"calibration seqlen {self.seqlen} exceeds the model's {max_pos} positions; using {max_pos}"
+        return self.seqlen, None
 
 
 @dataclass

@@ -55,6 +55,9 @@ class StageRecord:
     schedule: str | None = None     # calibration schedule that ran (prune stages)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    measured: dict = field(default_factory=dict)   # kind-specific results, written at the record's top level
+                                                    # (heal: loss_before/after, trainable_parameters, data)
+    summary_lines: list[str] = field(default_factory=list)   # printed under the summary table
 
     @property
     def sparsity(self) -> float:
@@ -96,6 +99,8 @@ class StageRecord:
             out["schedule"] = self.schedule
         if self.notes:
             out["notes"] = self.notes
+        for key, value in self.measured.items():     # never over a common key (e.g. the stage's seconds)
+            out.setdefault(key, value)
         return out
 
 
@@ -160,6 +165,10 @@ class CompressReport:
         for r in self.stages:
             if r.modules:
                 lines += ["", f"stage {r.index} ({r.method}) per module type:"] + _module_table(r)
+            if isinstance(r.scores.get("kept"), dict):      # expert-drop: kept experts per MoE layer
+                lines += ["", f"stage {r.index} ({r.method}) per MoE layer:"] + _kept_experts_table(r)
+            if r.summary_lines:
+                lines += ["", f"stage {r.index} ({r.method}):"] + [f"  {line}" for line in r.summary_lines]
         lines.append("")
         removed = 1 - self.parameters_after / self.parameters_before if self.parameters_before else 0.0
         mem = self.peak_memory
@@ -174,10 +183,11 @@ class CompressReport:
 
 
 def _module_table(record: StageRecord) -> list[str]:
-    """Per module type (last name component): target vs achieved sparsity."""
+    """Per module type (last name component; an expert slice `...gate_up_proj[5]` counts as `gate_up_proj`):
+    target vs achieved sparsity."""
     groups: dict[str, list[ModuleResult]] = {}
     for name, r in record.modules.items():
-        groups.setdefault(name.rsplit(".", 1)[-1], []).append(r)
+        groups.setdefault(name.rsplit(".", 1)[-1].split("[", 1)[0], []).append(r)
     rows = [("module", "count", "target", "achieved")]
     for kind, items in groups.items():
         targets = sorted({str(r.target) for r in items})
@@ -190,4 +200,15 @@ def _module_table(record: StageRecord) -> list[str]:
         achieved = sum(r.achieved * r.shape[0] * r.shape[1] for r in items) / numel
         rows.append((kind, str(len(items)), target, f"{achieved:.4f}"))
     rows.append(("all targeted", str(len(record.modules)), str(record.target), f"{record.sparsity:.4f}"))
+    return _table(rows)
+
+
+def _kept_experts_table(record: StageRecord) -> list[str]:
+    """Per MoE layer: the kept experts (original numbering) and the share of routed calibration tokens
+    the removed experts received before the drop."""
+    removed = record.scores.get("routed_share_removed") or {}
+    rows = [("layer", "kept experts", "routed share of removed experts")]
+    for layer, kept in record.scores["kept"].items():
+        share = removed.get(layer)
+        rows.append((str(layer), " ".join(map(str, kept)), f"{share:.1%}" if share is not None else "-"))
     return _table(rows)

@@ -182,3 +182,9 @@ def test_perplexity_text_from_data_dir_and_offline_error(tmp_path):
     assert eval_export.ppl_texts("wikitext2", str(tmp_path)) == ["a", "", " = b = "]   # empty lines kept
     with pytest.raises(UserError, match=r"export-data DIR --suite lm"):
         eval_export.ppl_texts("c4", str(tmp_path))      # not exported, and the Hub is offline in tests
+
+
+def test_auto_ppl_batch_keeps_big_vocab_windows_single_and_batches_small_ones():
+    assert ppl.auto_batch_size(2048, 128256) == 1                 # 1 GiB of fp32 logits per window
+    assert ppl.auto_batch_size(256, 4096) == 64                   # capped at 16k tokens
+    assert ppl.auto_batch_size(2048, 32000) == 1 and ppl.auto_batch_size(512, 32000) == 4

@@ -72,9 +72,17 @@ def assert_reload_equal(model, ids, tmp_path):
 # family data and tiny configs
 
 
-def test_family_table_is_json_data_and_covers_tiny_configs():
-    assert json.loads(json.dumps(families.MOE_FAMILIES)) == families.MOE_FAMILIES
-    assert set(MOE_CONFIGS) <= set(families.MOE_FAMILIES)
+def test_moe_families_live_in_the_one_registry_and_cover_tiny_configs():
+    from llmprune.arch import ARCHITECTURES, REGISTRY_FILE
+
+    raw = json.loads(REGISTRY_FILE.read_text())
+    assert set(families.moe_model_types()) == set(MOE_CONFIGS)
+    for model_type in MOE_CONFIGS:
+        assert ARCHITECTURES[model_type].moe == raw[model_type]["moe"]           # read as data, unchanged
+        assert families.family_for(tiny_model(model_type))["layers"] == ARCHITECTURES[model_type].layers
+    assert not families.is_moe(tiny_model("llama"))
+    with pytest.raises(UserError):
+        families.family_for(tiny_model("llama"))
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

@@ -141,7 +141,12 @@ def check_sparse24_possible(model: nn.Module, targets) -> dict[str, str]:
     not packable or none of the targeted linears could be packed; returns {name: reason} for the
     targeted linears that will be written dense."""
     from llmprune.arch import TargetSelector, head_targets, prunable_linears
+    from llmprune.moe.families import is_moe
 
+    if is_moe(model):
+        raise UserError("--save-format sparse24 does not support mixture-of-experts models yet (save_pretrained "
+                        "writes their fused experts as per-expert keys that load_pretrained does not map back); "
+                        "use --save-format dense")
     if hasattr(targets, "stages"):
         pruning = [s for s in targets.stages if s.pattern is not None]
         if not pruning:

@@ -37,6 +37,7 @@ class ChannelGroup:
     projections: tuple[Projection, ...]
     output: str                           # the linear that consumes the units (o_proj, down_proj, ...)
     attributes: dict[str, str] = field(default_factory=dict)   # module attribute -> dims name
+    refuse: str | None = None             # why this group cannot be pruned structurally (one line), or None
 
     @property
     def linear_paths(self) -> tuple[str, ...]:
@@ -56,6 +57,7 @@ class Family:
     per_layer_lists: tuple[str, ...] = ()
     per_layer_counts: dict = field(default_factory=dict)
     depth_guards: dict = field(default_factory=dict)
+    moe: dict | None = None      # mixture-of-experts data (routers, fused experts, counts); llmprune/moe reads it
     checkpoint_names: dict = field(default_factory=dict)   # module path -> name in saved checkpoints
 
     def saved_names(self, path: str) -> tuple[str, ...]:
@@ -78,8 +80,10 @@ ArchSpec = Family
 
 def _group(raw: dict) -> ChannelGroup:
     return ChannelGroup(module=raw.get("module"),
-                        projections=tuple(Projection(p["path"], p.get("layout", "rows")) for p in raw["projections"]),
-                        output=raw["output"], attributes=dict(raw.get("attributes") or {}))
+                        projections=tuple(Projection(p["path"], p.get("layout", "rows"))
+                                          for p in raw.get("projections") or ()),
+                        output=raw.get("output") or "", attributes=dict(raw.get("attributes") or {}),
+                        refuse=raw.get("refuse"))
 
 
 @lru_cache(maxsize=1)
@@ -101,7 +105,7 @@ def _registry() -> dict[str, Family]:
                            config=dict(e["config"]), attention=_group(e["attention"]), mlp=_group(e["mlp"]),
                            per_layer_lists=tuple(e.get("per_layer_lists") or ()),
                            per_layer_counts=dict(e.get("per_layer_counts") or {}),
-                           depth_guards=dict(e.get("depth_guards") or {}),
+                           depth_guards=dict(e.get("depth_guards") or {}), moe=e.get("moe"),
                            checkpoint_names=dict(e.get("checkpoint_names") or {}))
     return out
 
@@ -243,7 +247,10 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def weight_2d(module: nn.Module) -> torch.Tensor:
-    """The weight as `[out_features, in_features]` (a view: in-place edits reach the module)."""
+    """The weight as `[out_features, in_features]` (a view: in-place edits reach the module). Also takes
+    a `Matrix` handle (an expert's slice of a fused 3-D parameter, a router weight)."""
+    if isinstance(module, Matrix):
+        return module.weight
     if isinstance(module, nn.Linear):
         return module.weight.data
     if type(module).__name__ == "Conv1D":  # weight is [in, out]
@@ -313,3 +320,7 @@ def head_targets(model: nn.Module, selector: TargetSelector) -> dict[str, nn.Mod
         if selector.wants(name) and (is_linear(mod) or isinstance(mod, nn.Embedding)):
             out[name] = mod
     return out
+
+
+# Matrix handles (linears, routers, experts' slices of fused 3-D parameters); imported last: they use the above.
+from llmprune.arch.matrices import Matrix, decoder_matrices, layer_matrices, matrix_type, prunable_matrices  # noqa: E402,F401

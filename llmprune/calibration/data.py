@@ -188,3 +188,49 @@ def calibration_windows(tokenizer, texts: Sequence[str], n_samples: int, seqlen:
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen + 1, (n_samples,), generator=gen)
     return torch.stack([stream[s: s + seqlen] for s in starts.tolist()])
+
+
+def disjoint_windows(tokenizer, texts: Sequence[str], n_samples: int, seqlen: int, seed: int = 0, *,
+                     exclude_samples: int = 0, exclude_seqlen: int | None = None, exclude_seed: int = 0,
+                     allow_fewer: bool = False):
+    """`[k, seqlen]` windows of the calibration token stream that overlap neither each other nor the
+    windows `calibration_windows(tokenizer, texts, exclude_samples, exclude_seqlen, exclude_seed)` drew.
+
+    For training on the calibration source without training on the calibration data (heal). The stream
+    is the calibration one (documents in `exclude_seed` order), extended with more documents in the same
+    order when it is too short; the free runs of tokens are cut into non-overlapping `seqlen` chunks and
+    `seed` picks `n_samples` of them in random order. `allow_fewer`: return as many as there are (at
+    least one) instead of failing.
+    """
+    import torch
+
+    if n_samples < 1 or seqlen < 1:
+        raise UserError("the number of heal windows and their seqlen must be positive")
+    exclude_seqlen = exclude_seqlen or seqlen
+    calib_tokens = max(4 * exclude_samples * exclude_seqlen, 65536)   # exactly what calibration_windows reads
+    stream = token_stream(tokenizer, texts, max_tokens=calib_tokens, seed=exclude_seed)
+    calib_len = stream.numel()
+    used = torch.zeros(calib_len, dtype=torch.bool)
+    if exclude_samples and calib_len >= exclude_seqlen:      # the same draws as calibration_windows
+        gen = torch.Generator().manual_seed(exclude_seed)
+        starts = torch.randint(0, calib_len - exclude_seqlen + 1, (exclude_samples,), generator=gen)
+        for s in starts.tolist():
+            used[s: s + exclude_seqlen] = True
+    # Each free run wastes < seqlen tokens at its end, and there are at most exclude_samples + 1 runs.
+    needed = int(used.sum()) + (n_samples + exclude_samples + 1) * seqlen
+    if needed > calib_len and calib_len >= calib_tokens:     # more documents exist: read further, same order
+        longer = token_stream(tokenizer, texts, max_tokens=needed, seed=exclude_seed)
+        assert torch.equal(longer[:calib_len], stream), "token_stream must extend its own prefix"
+        stream = longer
+        used = torch.cat([used, torch.zeros(stream.numel() - calib_len, dtype=torch.bool)])
+    # Free runs [a, b) of unused tokens -> chunk starts a, a + seqlen, ... (non-overlapping).
+    edges = torch.diff(torch.cat([torch.tensor([0]), (~used).long(), torch.tensor([0])]))
+    run_starts = (edges == 1).nonzero().flatten().tolist()
+    run_ends = (edges == -1).nonzero().flatten().tolist()
+    chunks = [s for a, b in zip(run_starts, run_ends) for s in range(a, b - seqlen + 1, seqlen)]
+    if len(chunks) < (1 if allow_fewer else n_samples):
+        raise UserError(f"the text has {stream.numel()} tokens; outside the {exclude_samples} calibration windows "
+                        f"there is room for {len(chunks)} windows of {seqlen} tokens but {n_samples} are needed; "
+                        "give more text, fewer windows or a smaller seqlen")
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))[:n_samples]
+    return torch.stack([stream[chunks[i]: chunks[i] + seqlen] for i in order.tolist()])

@@ -33,12 +33,7 @@ def calibration_set(config, tokenizer, recipe, calib=None) -> CalibrationSet:
     if tokenizer is None:
         raise UserError("calibration from text needs a tokenizer; pass tokenizer= or a token-id tensor as calib=")
     source = calib or c.data
-    seqlen = c.seqlen
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    note = None
-    if max_pos and seqlen > max_pos:
-        note = f"calibration seqlen {seqlen} exceeds the model's {max_pos} positions; using {max_pos}"
-        seqlen = max_pos
+    seqlen, note = c.window(config)
     ids = calibration_windows(tokenizer, load_texts(source, "train"), c.samples, seqlen, c.seed)
     spec = {"source": describe_source(source), "split": "train", "samples": c.samples, "seqlen": seqlen,
             "seed": c.seed, "tokens": ids.numel()}

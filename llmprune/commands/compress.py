@@ -11,12 +11,12 @@ from llmprune.commands import add_model_args
 
 def register(sub) -> None:
     p = sub.add_parser("compress", help="prune a model: zeros (magnitude, Wanda, SparseGPT) or a smaller model "
-                                        "(width, layer-drop)",
+                                        "(width, layer-drop, expert-drop)",
                        description="Compress MODEL (a Hub id, a local save_pretrained dir, or llmprune-tiny) "
                                    "layer by layer and write a loadable checkpoint to --output.")
     p.add_argument("model", help="Hub id, local directory, or the embedded 'llmprune-tiny'")
-    p.add_argument("--method", help="magnitude | wanda | sparsegpt (zeros), width | layer-drop (smaller model); "
-                                    "or use --recipe")
+    p.add_argument("--method", help="magnitude | wanda | sparsegpt (zeros), width | layer-drop | expert-drop "
+                                    "(smaller model); or use --recipe")
     p.add_argument("--sparsity", help="fraction like 0.5 (unstructured) or N:M like 2:4 (N zeros per M inputs)")
     p.add_argument("--recipe", help="a named recipe (see `llmprune recipes`) or a YAML file")
     p.add_argument("--allocation", choices=("uniform", "owl", "global"), default=None,
@@ -37,12 +37,23 @@ def register(sub) -> None:
     depth.add_argument("--layer-fraction", type=float, default=None, help="fraction of decoder layers to remove")
     depth.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=None,
                        help="never remove layer 0 (default on)")
+    experts = p.add_argument_group("MoE experts (--method expert-drop)")
+    experts.add_argument("--experts-keep", type=int, default=None, help="routed experts kept in every MoE layer")
+    experts.add_argument("--expert-ratio", type=float, default=None,
+                         help="fraction of routed experts kept in every MoE layer (0.75 of 8 = 6)")
+    experts.add_argument("--merge-mode", choices=("reroute-fit", "fold-fit", "average"), default=None,
+                         help="criterion merge: how the kept experts absorb the removed ones (default reroute-fit)")
+    experts.add_argument("--merge-base", choices=("reap", "frequency", "router-weight", "reconstruction", "random"),
+                         default=None, help="criterion merge: which experts are kept (default reap)")
+    experts.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=None,
+                         help="calibrate each MoE layer on the already-pruned earlier layers' outputs (default on)")
     p.add_argument("--criterion", default=None,
                    help="width: activation | obs | magnitude | maw | random (default activation); "
-                        "layer-drop: bi | angular | ppl (default bi)")
+                        "layer-drop: bi | angular | ppl (default bi); expert-drop: merge | reap | frequency | "
+                        "router-weight | reconstruction | random (default merge)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048, or the model's maximum if smaller)")
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="prune the linears of each layer one after another, each calibrated on the already-pruned "
@@ -85,7 +96,9 @@ STAGE_FLAGS = {"allocation": "allocation", "owl_m": "owl_m", "owl_lambda": "owl_
                "targets": "targets", "ignore": "ignore", "true_sequential": "true_sequential",
                "mlp_keep": "mlp_keep", "heads_keep": "heads_keep", "round_to": "round_to",
                "reconstruct": "reconstruct", "num_layers": "num_layers", "layer_fraction": "layer_fraction",
-               "keep_first": "keep_first", "criterion": "criterion"}
+               "keep_first": "keep_first", "criterion": "criterion", "experts_keep": "experts_keep",
+               "expert_ratio": "expert_ratio", "merge_mode": "merge_mode", "merge_base": "merge_base",
+               "progressive": "progressive"}
 
 
 def _flag(key: str) -> str:
@@ -159,7 +172,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.in_memory and streaming_flags:
         raise UserError(f"--in-memory cannot be combined with {streaming_flags[0]} (which streams layers from disk)")
     max_memory = parse_size(args.max_memory, "--max-memory") if args.max_memory is not None else None
-    inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data]   # --overwrite never deletes them
+    inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data,   # --overwrite never deletes them
+              *[s.params["data"] for s in recipe.stages if s.method == "heal" and s.params.get("data")]]
     work = WorkDir(args.output)
     main = distributed.env_rank() == 0
     if main:
@@ -169,7 +183,10 @@ def _run(args: argparse.Namespace) -> int:
     max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
     resolve_model_path(args.model, args.revision)      # a mistyped MODEL is reported before the data
     needs_calib = recipe.needs_calibration()
-    if needs_calib:
+    heal_stages = [s for s in recipe.stages if s.method == "heal"]
+    # A heal stage trains on text: the tokenizer, and the calibration source unless it names its own data.
+    needs_text = needs_calib or any(s.params.get("data") is None for s in heal_stages)
+    if needs_text:
         check_source(recipe.calibration.data, check_hub=False)   # a bad path now; Hub sources below
     if args.base_model is not None:
         from llmprune.io.hub import check_repo_id
@@ -189,7 +206,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from llmprune.api import calibration_set, check_recipe, compress
     from llmprune.arch import spec_for
-    from llmprune.io.load import load_config, load_model, load_tokenizer, model_revision, resolve_device, torch_dtype
+    from llmprune.io.load import (cpu_has_fast_bf16, load_config, load_model, load_tokenizer, model_revision,
+                                  resolve_device, torch_dtype)
     from llmprune.io.sidecar import base_model_entry, compress_sidecar, write_sidecar
 
     if args.quiet:
@@ -216,10 +234,11 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{streaming_flags[0]} needs the run to stream decoder layers from disk, and this one cannot: "
                         f"{problem}")
     del meta_model
-    if needs_calib:
+    if needs_text:
         check_source(recipe.calibration.data)              # c4 / wikitext2 with the Hub unreachable: say so now
     # Only calibration needs a tokenizer; without one (magnitude) a folder lacking tokenizer files is fine.
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision, required=needs_calib)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.revision,
+                               required=needs_calib or bool(heal_stages))
     if tokenizer is None:
         print(f"llmprune: note: {args.model} has no tokenizer files; the output will have none either",
               file=sys.stderr)
@@ -230,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
     # --dtype auto on such a CPU, work in float32 and write the checkpoint back in its own dtype.
     save_dtype = None
     work_dtype = args.dtype
-    if (args.dtype == "auto" and device == "cpu" and not _cpu_has_fast_bf16()
+    if (args.dtype == "auto" and device == "cpu" and not cpu_has_fast_bf16()
             and getattr(config, "dtype", None) in (torch.bfloat16, torch.float16)):
         work_dtype, save_dtype = "float32", config.dtype
     store = None
@@ -246,7 +265,13 @@ def _run(args: argparse.Namespace) -> int:
             raise
     else:
         model = load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
-        model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet)
+        teacher = None
+        if any(s.params.get("mode") == "distill" for s in heal_stages):
+            # A distilling heal stage's teacher: MODEL read again when the stage runs (no copy held before).
+            def teacher():
+                return load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
+        model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet,
+                                 teacher=teacher)
     if save_dtype is not None:
         model.to(save_dtype)
     if not distributed.is_main():
@@ -390,15 +415,6 @@ def _local_weights(name: str, revision: str | None):
                                       allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"]))
     except Exception as exc:  # network / cache / not-found errors come in many types
         raise _hub_error(name, exc) from None
-
-
-def _cpu_has_fast_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def write_checkpoint(model, tokenizer, directory, save_format: str, max_shard_size: str | int = "5GB") -> dict | None:

@@ -29,7 +29,7 @@ def register(sub) -> None:
                    help="how sparsity is spread over layers (default uniform)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH; default c4")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per calibration window (default 2048, or the model's maximum if smaller)")
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     add_eval_args(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the report CIs")
@@ -91,26 +91,30 @@ def level_name(method: str, level) -> str:
 
 
 def snapshot(model) -> dict:
-    """CPU copies of every weight the compressor may change (the prunable linears), to restore the
-    dense model between levels without reloading it."""
-    from llmprune.arch import prunable_linears
+    """CPU copies of every weight the compressor may change (the decoder matrices: linears, routers, each
+    expert's slices of fused 3-D parameters, `arch.decoder_matrices`), to restore the dense model between
+    levels without reloading it."""
+    from llmprune.arch import decoder_matrices
 
-    return {name: (mod.weight.detach().to("cpu", copy=True),
-                   None if getattr(mod, "bias", None) is None else mod.bias.detach().to("cpu", copy=True))
-            for name, mod in prunable_linears(model).items()}
+    out = {}
+    for name, matrix in decoder_matrices(model).items():
+        bias = getattr(matrix.module, "bias", None) if matrix.role == "linear" else None
+        out[name] = (matrix.weight.detach().to("cpu", copy=True),
+                     None if bias is None else bias.detach().to("cpu", copy=True))
+    return out
 
 
 def restore(model, saved: dict) -> None:
     import torch
 
-    from llmprune.arch import prunable_linears
+    from llmprune.arch import decoder_matrices
 
-    mods = prunable_linears(model)
+    matrices = decoder_matrices(model)
     with torch.no_grad():
         for name, (w, b) in saved.items():
-            mods[name].weight.copy_(w)
+            matrices[name].weight.copy_(w)
             if b is not None:
-                mods[name].bias.copy_(b)
+                matrices[name].module.bias.copy_(b)
 
 
 def run(args: argparse.Namespace) -> int:

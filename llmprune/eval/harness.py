@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +23,9 @@ from llmprune.eval.lm_eval_run import lm_eval_entries, make_lm, run_lm_eval
 from llmprune.eval.export import ppl_texts
 from llmprune.eval.results import FORMAT_VERSION, EvalRun
 from llmprune.eval.selection import check_requirements
-from llmprune.eval.settings import Settings, settings_record
+from llmprune.eval.settings import Context, Settings, settings_record
 from llmprune.eval.suites import Suite, TaskSpec
 from llmprune.eval.tasks import index_for, write_redirect_groups
-
-
-@dataclass
-class Context:
-    """What a run needs besides the model: built once, reused across sparsity levels."""
-    lm: Any                                    # lm_eval HFLM wrapping the model object
-    task_manager: Any | None
-    specs: list[TaskSpec]
-    suites: list[Suite]
-    settings: Settings
-    lm_eval_names: dict[str, str] = field(default_factory=dict)   # spec name -> name to load/read
-    generated_dir: str | None = None
-
-    def close(self) -> None:
-        if self.generated_dir:
-            shutil.rmtree(self.generated_dir, ignore_errors=True)
-            self.generated_dir = None
 
 
 def prepare(model, tokenizer, suites: list[Suite], specs: list[TaskSpec], settings: Settings, lm=None) -> Context:
@@ -74,18 +55,19 @@ def prepare(model, tokenizer, suites: list[Suite], specs: list[TaskSpec], settin
 
 
 def count_sparsity(model) -> dict[str, Any]:
-    """Achieved sparsity over the prunable linears (the decoder layers' linear weights, from the
-    architecture registry; for a family it does not know, every nn.Linear but the output head),
-    counted as exact zeros in the weights."""
+    """Achieved sparsity over the decoder layers' matrices (nn.Linear weights and, in MoE models, routers
+    and every expert's slices of the fused 3-D parameters: `arch.decoder_matrices`, what `llmprune compress`
+    reports; for a family the registry does not know, every nn.Linear but the output head), counted as
+    exact zeros in the weights."""
     import torch
 
     from llmprune.io.tensor_names import head_module_names
 
     heads = head_module_names(model)
     try:
-        from llmprune.arch import prunable_linears
+        from llmprune.arch import decoder_matrices
 
-        linears = prunable_linears(model)
+        linears = decoder_matrices(model)
     except (ImportError, AttributeError, UserError, KeyError, NotImplementedError):
         linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in heads}
     zeros = total = 0
@@ -146,9 +128,9 @@ def evaluate(ctx: Context, model, tokenizer, model_name: str | None = None, extr
             data = spec.params["data"]
             key = spec.name[len("ppl_"):]
             texts = ppl_texts(data, settings.data_dir)
-            # an explicit --batch-size batches the windows too; auto keeps 1 (fp32 logits of a
-            # 2048-token window with a 128k vocabulary are already 1 GiB)
-            ppl_batch = int(settings.batch_size) if str(settings.batch_size).isdigit() else 1
+            # an explicit --batch-size batches the windows too; auto sizes batches by their logits
+            ppl_batch = (int(settings.batch_size) if str(settings.batch_size).isdigit() else
+                         ppl_mod.auto_batch_size(settings.seqlen, model.config.get_text_config().vocab_size))
             res = ppl_mod.perplexity(model, tokenizer, texts, seqlen=settings.seqlen, name=data,
                                      batch_size=ppl_batch, progress=settings.progress)
             perplexity[key] = res.ppl

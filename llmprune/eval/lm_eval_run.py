@@ -10,15 +10,12 @@ the request, not the weights.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmprune.errors import UserError
-from llmprune.eval.settings import resolve_batch_size
+from llmprune.eval.settings import Context, resolve_batch_size
 from llmprune.eval.suites import TaskSpec
 from llmprune.eval.tasks import export_command
-
-if TYPE_CHECKING:
-    from llmprune.eval.harness import Context
 
 
 def make_lm(model, tokenizer, batch_size: int | str, max_length: int, softmax_dtype: str = "float32",

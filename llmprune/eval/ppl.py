@@ -54,6 +54,14 @@ def token_windows(tokenizer, texts: Sequence[str], seqlen: int, joiner: str = "\
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def auto_batch_size(seqlen: int, vocab_size: int, logits_budget: int = 1 << 28, max_tokens: int = 16384) -> int:
+    """Windows per forward for `--batch-size auto`: as many as keep the float32 logits under
+    `logits_budget` bytes and the tokens under `max_tokens` (1 for a 2048-token window of a 128k
+    vocabulary, whose logits alone are 1 GiB; dozens for a small model's short windows)."""
+    by_logits = logits_budget // max(1, seqlen * vocab_size * 4)
+    return max(1, min(by_logits, max_tokens // max(1, seqlen)))
+
+
 def perplexity_of_windows(model, windows, batch_size: int = 1, progress: bool = False,
                           desc: str = "perplexity") -> PerplexityResult:
     """Perplexity of the model on pre-cut token windows `[n, seqlen]` (logits upcast to float32)."""

@@ -1,12 +1,15 @@
 """What an evaluation run is configured with: `Settings` (from the eval flags) and lm-eval's own
 `--model_args` / `--gen_kwargs` strings, checked before a model is loaded; and `settings_record`,
-the `settings` block of results.json that `report` compares between runs."""
+the `settings` block of results.json that `report` compares between runs; and `Context`, what a
+run needs besides the model (built by harness.prepare, used by lm_eval_run)."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmprune.errors import UserError
+from llmprune.eval.suites import Suite, TaskSpec
 
 
 @dataclass
@@ -94,3 +97,20 @@ def settings_record(settings: Settings, ppl_data: list[str], device: str) -> dic
             "softmax_dtype": settings.softmax_dtype, "apply_chat_template": settings.apply_chat_template,
             "num_fewshot": settings.num_fewshot, "gen_kwargs": settings.gen_kwargs,
             "model_args": settings.model_args, "device": device}
+
+
+@dataclass
+class Context:
+    """What a run needs besides the model: built once, reused across sparsity levels."""
+    lm: Any                                    # lm_eval HFLM wrapping the model object
+    task_manager: Any | None
+    specs: list[TaskSpec]
+    suites: list[Suite]
+    settings: Settings
+    lm_eval_names: dict[str, str] = field(default_factory=dict)   # spec name -> name to load/read
+    generated_dir: str | None = None
+
+    def close(self) -> None:
+        if self.generated_dir:
+            shutil.rmtree(self.generated_dir, ignore_errors=True)
+            self.generated_dir = None

@@ -89,6 +89,16 @@ def torch_dtype(name: str, option: str = "dtype"):
     return getattr(torch, name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (else bf16 work is upcast to fp32)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_device(name: str, option: str = "device") -> str:
     """`option` is how the caller spells the setting in messages (the CLI passes "--device")."""
     import torch

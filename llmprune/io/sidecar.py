@@ -11,7 +11,12 @@ Common keys: `format_version`, `kind` (compress | delta | pack), `base_model` (`
 - `calibration`: {source, split, samples, seqlen, seed, tokens};
 - `stages`: one record per recipe stage, in order: {index, method, kind, params, target, achieved,
   removed, parameters: {before, after}, zeros: {before, after, fraction_after}, seconds, and for
-  prune stages `modules` {name: {shape, target, achieved}}, `layers`, `schedule`};
+  prune stages `modules` {name: {shape, target, achieved}}, `layers`, `schedule`; expert-drop stages:
+  `removed` {experts: {before, after}} and `scores` {kept: {MoE layer: [kept experts, original
+  numbering]}, routed_share_before / routed_share_after (per expert, calibration tokens),
+  routed_share_removed, criterion_scores, merged_into}};
+  matrix names: linears by module name, MoE experts per expert as `...mlp.experts.gate_up_proj[5]`
+  (2-D slices of the fused 3-D parameters), routers as `...mlp.gate`;
 - `parameters`: {before, after} of the whole model;
 - `sparsity`: the zeros of the saved model: {achieved (over the decoder layers' linear weights),
   target (the mean targeted zero fraction of the pruned matrices, a number), pattern
@@ -240,7 +245,10 @@ def stage_label(record: dict[str, Any]) -> str:
         n = len(removed) if isinstance(removed, list) else params.get("num_layers") or params.get("layer_fraction")
         return f"layer-drop {n} ({params.get('criterion', 'bi')})"
     if kind == "expert-drop":
-        return f"expert-drop {params.get('experts_keep') or params.get('expert_ratio')} ({params.get('criterion')})"
+        criterion = params.get("criterion")
+        if criterion == "merge" and params.get("merge_mode"):
+            criterion = f"merge {params['merge_mode']}"
+        return f"expert-drop {params.get('experts_keep') or params.get('expert_ratio')} ({criterion})"
     if kind == "heal":
         return f"heal {params.get('mode')} {params.get('steps')} steps"
     return method

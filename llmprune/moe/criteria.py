@@ -33,11 +33,14 @@ Merge modes (`MERGE_MODES`; default reroute-fit on a REAP keep set):
                 the layer output lost by the drop and s the token's summed routing weights, so that if every
                 fit were exact the layer output would equal the original one.
 
-Measured (benchmarks/moe_bench.py: 4-layer Mixtral, 8 experts, top-2, unpruned held-out perplexity 77.4;
-perplexity at 6/8, 4/8, 2/8 experts kept): reap 99.0 / 143.7 / 257.7, reconstruction 95.2 / 122.1 / 226.5,
-merge average 125.3 / 238.7 / 450.7 (worse than dropping), fold-fit 90.3 / 110.8 / 111.6, reroute-fit
-79.7 / 83.9 / 91.1 (on a reconstruction keep set 79.0 / 83.1 / 90.6, at 3-7x the selection time; REAP
-is the default base since greedy reconstruction above 8 experts costs E forward passes per removal).
+Measured through the expert-drop stage (benchmarks/moe_bench.py, benchmarks/RESULTS.md: 4-layer Mixtral, 8
+experts, top-2, held-out perplexity 77.4 unpruned; at 6/8, 4/8, 2/8 experts kept, progressive calibration):
+frequency 110.2 / 148.3 / 251.9, router-weight 104.8 / 162.8 / 243.5, reap 98.8 / 140.8 / 279.7,
+reconstruction 95.6 / 126.0 / 228.0, random 107.7 / 150.3 / 249.5 (3 seeds); merge average 124.0 / 195.0 /
+474.2 (worse than dropping), fold-fit 89.6 / 108.8 / 110.9, reroute-fit 79.6 / 83.8 / 90.9 (on a
+reconstruction keep set 78.9 / 83.0 / 90.0, at 2-3x the selection time; REAP is the default base since
+greedy reconstruction above 8 experts costs E block evaluations per removal). The stage's default
+criterion is merge with reroute-fit on a REAP keep set.
 """
 from __future__ import annotations
 
@@ -138,7 +141,7 @@ def keep_set_errors(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch
         full = _combine(outputs, route_block(block, family, rcfg, xc), experts)
         for i, keep in enumerate(keep_sets):
             diff = full - _combine(outputs, route_block(block, family, rcfg, xc, keep, balanced), experts)
-            sq[i] += (diff * diff).sum()
+            sq[i] += (diff * diff).sum().item()
     return sq.sqrt().tolist()
 
 
@@ -218,9 +221,9 @@ def output_similarity(block: nn.Module, family: dict, rcfg: RouterConfig, x: tor
             out_j = expert_forward(block, family, j, xc)[1].double()                               # [t, H]
             cos = F.cosine_similarity(kept_out, out_j[None], dim=-1)                               # [K, t]
             routed = (routing.indices == j).any(-1)
-            sums[r] += cos[:, routed].sum(-1)
-            counts[r] += routed.sum()
-            all_sums[r] += cos.sum(-1)
+            sums[r] += cos[:, routed].sum(-1).cpu()
+            counts[r] += routed.sum().item()
+            all_sums[r] += cos.sum(-1).cpu()
     tokens = x.reshape(-1, x.shape[-1]).shape[0]
     seen = counts > 0
     sims = torch.where(seen[:, None], sums / counts.clamp_min(1)[:, None], all_sums / max(tokens, 1))
@@ -257,15 +260,16 @@ def merge_experts(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.T
             m = mass[group].to(torch.float64)
             if len(group) == 1 or m.sum() <= 0:
                 continue
-            w = (m / m.sum()).to(gate_up_all.dtype)
+            w = (m / m.sum()).to(device=gate_up_all.device, dtype=gate_up_all.dtype)
             gate_up[slot[i]] = torch.einsum("g,gab->ab", w, gate_up_all[group])
             down[slot[i]] = torch.einsum("g,gab->ab", w, down_all[group])
         return MergePlan(keep=keep, mode=mode, gate_up_proj=gate_up, down_proj=down, assignment=assignment)
 
     inter = down_all.shape[-1]
     hidden_size = down_all.shape[1]
-    gram = torch.zeros(len(keep), inter, inter, dtype=torch.float64)
-    cross = torch.zeros(len(keep), hidden_size, inter, dtype=torch.float64)
+    # Normal equations of every kept expert's down refit, on the compute device (float64).
+    gram = torch.zeros(len(keep), inter, inter, dtype=torch.float64, device=x.device)
+    cross = torch.zeros(len(keep), hidden_size, inter, dtype=torch.float64, device=x.device)
     for xc in _chunks(x):
         full = route_block(block, family, rcfg, xc)
         kept_routing = route_block(block, family, rcfg, xc, keep)
@@ -277,8 +281,8 @@ def merge_experts(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.T
         if mode == "fold-fit":
             # Target of kept expert i: the mass-weighted mix of its group's outputs on tokens routed to the group.
             for i in keep:
-                weight_sum = torch.zeros(xc.shape[0], dtype=torch.float64)
-                target = torch.zeros(xc.shape[0], hidden_size, dtype=torch.float64)
+                weight_sum = torch.zeros(xc.shape[0], dtype=torch.float64, device=xc.device)
+                target = torch.zeros(xc.shape[0], hidden_size, dtype=torch.float64, device=xc.device)
                 for e in members[i]:
                     token, k = torch.where(full.indices == e)
                     w = full.weights[token, k].double()

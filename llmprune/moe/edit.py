@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from llmprune.errors import UserError
-from llmprune.moe.families import experts_of, family_for, moe_blocks, router_config, router_of
-from llmprune.moe.routing import validate_keep
+from llmprune.moe.families import RouterConfig, experts_of, family_for, moe_blocks, router_config, router_of
+from llmprune.moe.routing import block_output, validate_keep
 
 
 @dataclass
@@ -70,11 +70,14 @@ def _replace(module: nn.Module, name: str, new: torch.Tensor) -> None:
 
 @torch.no_grad()
 def drop_experts(model: nn.Module, keep: dict[int, Sequence[int]],
-                 merged: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ExpertDropReport:
+                 merged: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 masks=None) -> ExpertDropReport:
     """Keep only `keep[layer]` experts in every MoE layer (the same count everywhere).
 
     `merged[layer] = (gate_up [K, 2I, H], down [K, H, I])` replaces the kept experts' fused tensors
     (in `keep` order) instead of slicing them (e.g. `criteria.MergePlan.gate_up_proj/down_proj`).
+    `masks` (an `edits.MaskState`): keep-masks of earlier stages follow their experts to the new indices
+    (a pruned router's mask loses the removed rows), and merged tensors keep the kept experts' zeros.
     """
     family, rcfg = family_for(model), router_config(model)
     blocks = moe_blocks(model)
@@ -120,6 +123,8 @@ def drop_experts(model: nn.Module, keep: dict[int, Sequence[int]],
     # ---- edit ------------------------------------------------------------------------------------
     for module, name, new in new_tensors:
         _replace(module, name, new)
+    if masks is not None:
+        _follow_masks(masks, blocks, family, keep)
     for block in blocks.values():
         for path in family["count_attributes"]:
             role, attr = path.split(".", 1)
@@ -130,3 +135,38 @@ def drop_experts(model: nn.Module, keep: dict[int, Sequence[int]],
                             parameters_before=parameters_before,
                             parameters_after=sum(p.numel() for p in model.parameters()),
                             merged_layers=sorted(merged))
+
+
+def _follow_masks(masks, blocks: dict[int, nn.Module], family: dict, keep: dict[int, list[int]]) -> None:
+    """Keep-masks after the edit: expert slices renumbered (removed ones forgotten), a router mask sliced
+    to the kept rows, and every kept slice's zeros re-applied (merged tensors are new values)."""
+    for layer, block in blocks.items():
+        experts, router = experts_of(block, family), router_of(block, family)
+        for param in (family["gate_up_proj"], family["down_proj"]):
+            masks.renumber_experts(experts, param, keep[layer])
+            tensor = getattr(experts, param).data                                   # [K, out, in]
+            for index in range(tensor.shape[0]):
+                mask = masks.masks.get((experts, param, index))
+                if mask is not None:
+                    tensor[index].mul_(mask.to(device=tensor.device, dtype=tensor.dtype))
+        router_mask = masks.masks.get(router)
+        if router_mask is not None:
+            masks.masks[router] = router_mask.index_select(0, torch.tensor(keep[layer], dtype=torch.long))
+
+
+def emulate_drop(block: nn.Module, family: dict, rcfg: RouterConfig, keep: Sequence[int]):
+    """Make `block` compute, until the returned function is called, what it will compute once only `keep`
+    remain (router restricted to them: `routing.block_output(..., keep)`), without changing any tensor's
+    shape: an expert-drop stage calibrates the next layers on these outputs before it edits the model."""
+    keep = list(keep)
+
+    def forward(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return block_output(block, family, rcfg, x, keep).reshape(hidden_states.shape)
+
+    block.forward = forward
+
+    def restore() -> None:
+        if "forward" in block.__dict__:
+            del block.forward
+    return restore

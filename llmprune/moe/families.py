@@ -1,9 +1,10 @@
-"""Where MoE families keep their routers, experts and expert counts: data, plus small accessors.
+"""Where MoE families keep their routers, experts and expert counts: accessors over the registry's data.
 
-`MOE_FAMILIES` is plain JSON-able data (one entry per `config.model_type`, transformers 5.24 layout);
-nothing below branches on a family name. The fields of an entry:
+The data is the `moe` section of each MoE family in the one architecture registry
+(`llmprune/arch/architectures.json`, transformers 5.24 layout); nothing below branches on a family name.
+`family_for(model)` returns that section plus the family's `layers` path. Its fields:
 
-    layers                 dotted path from the CausalLM to the ModuleList of decoder layers
+    layers                 dotted path from the CausalLM to the ModuleList of decoder layers (the family's)
     moe_block              attribute of a decoder layer holding the MoE block (a dense MLP sits under the
                            same name in dense layers; `moe_layer_indices` says which layers are MoE)
     router                 attribute of the block holding the router (a bare `weight` [E, H] Parameter)
@@ -47,90 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmprune.arch import ARCHITECTURES, spec_for
 from llmprune.errors import UserError
-
-_FUSED_EXPERTS = {
-    "experts": "experts",
-    "experts_storage": "fused",
-    "gate_up_proj": "gate_up_proj",
-    "down_proj": "down_proj",
-    "gate_up_layout": "concatenated",
-    "activation": "act_fn",
-}
-_SOFTMAX_ROUTING = {"scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
-                    "group_score_topk": 2, "renorm_eps": 0.0, "logits_float32": False}
-_NO_DENSE_FIELDS = {"first_k_dense_replace": None, "mlp_only_layers": None, "decoder_sparse_step": None}
-_QWEN_DENSE_FIELDS = {"first_k_dense_replace": None, "mlp_only_layers": "mlp_only_layers",
-                      "decoder_sparse_step": "decoder_sparse_step"}
-
-MOE_FAMILIES: dict[str, dict] = {
-    "mixtral": {
-        "layers": "model.layers", "moe_block": "mlp",
-        "router": "gate", "router_weight": "weight", "router_bias": None, "router_correction_bias": None,
-        **_FUSED_EXPERTS,
-        "shared_expert": None, "shared_expert_gate": None,
-        "per_expert_tensors": ["router.weight", "experts.gate_up_proj", "experts.down_proj"],
-        "count_attributes": ["router.num_experts", "experts.num_experts", "model.num_experts"],
-        "config": {"num_experts": "num_local_experts", "top_k": "num_experts_per_tok", **_NO_DENSE_FIELDS},
-        # Mixtral always renormalises the top-k softmax probabilities (no config field).
-        "routing": {**_SOFTMAX_ROUTING, "norm_topk_prob": True},
-        "checkpoint_expert_keys": "block_sparse_moe.experts.{e}.w1/w3/w2.weight",
-    },
-    "qwen2_moe": {
-        "layers": "model.layers", "moe_block": "mlp",
-        "router": "gate", "router_weight": "weight", "router_bias": None, "router_correction_bias": None,
-        **_FUSED_EXPERTS,
-        "shared_expert": "shared_expert", "shared_expert_gate": "shared_expert_gate",
-        "per_expert_tensors": ["router.weight", "experts.gate_up_proj", "experts.down_proj"],
-        "count_attributes": ["router.num_experts", "experts.num_experts", "model.num_experts"],
-        "config": {"num_experts": "num_experts", "top_k": "num_experts_per_tok", **_QWEN_DENSE_FIELDS},
-        "routing": {**_SOFTMAX_ROUTING, "norm_topk_prob": {"field": "norm_topk_prob"}},
-        "checkpoint_expert_keys": "mlp.experts.{e}.gate_proj/up_proj/down_proj.weight",
-    },
-    "qwen3_moe": {
-        "layers": "model.layers", "moe_block": "mlp",
-        "router": "gate", "router_weight": "weight", "router_bias": None, "router_correction_bias": None,
-        **_FUSED_EXPERTS,
-        "shared_expert": None, "shared_expert_gate": None,
-        "per_expert_tensors": ["router.weight", "experts.gate_up_proj", "experts.down_proj"],
-        "count_attributes": ["router.num_experts", "experts.num_experts", "model.num_experts"],
-        # Qwen3MoeConfig aliases num_experts -> num_local_experts (attribute_map): config.json holds
-        # "num_local_experts"; setting either name sets the one stored value.
-        "config": {"num_experts": "num_experts", "top_k": "num_experts_per_tok", **_QWEN_DENSE_FIELDS},
-        "routing": {**_SOFTMAX_ROUTING, "norm_topk_prob": {"field": "norm_topk_prob"}},
-        "checkpoint_expert_keys": "mlp.experts.{e}.gate_proj/up_proj/down_proj.weight",
-    },
-    "olmoe": {
-        "layers": "model.layers", "moe_block": "mlp",
-        "router": "gate", "router_weight": "weight", "router_bias": None, "router_correction_bias": None,
-        **_FUSED_EXPERTS,
-        "shared_expert": None, "shared_expert_gate": None,
-        "per_expert_tensors": ["router.weight", "experts.gate_up_proj", "experts.down_proj"],
-        "count_attributes": ["router.num_experts", "experts.num_experts", "model.num_experts"],
-        "config": {"num_experts": "num_experts", "top_k": "num_experts_per_tok", **_NO_DENSE_FIELDS},
-        "routing": {**_SOFTMAX_ROUTING, "norm_topk_prob": {"field": "norm_topk_prob"}},
-        "checkpoint_expert_keys": "mlp.experts.{e}.gate_proj/up_proj/down_proj.weight",
-    },
-    "deepseek_v3": {
-        "layers": "model.layers", "moe_block": "mlp",
-        "router": "gate", "router_weight": "weight", "router_bias": None,
-        "router_correction_bias": "e_score_correction_bias",
-        **_FUSED_EXPERTS,
-        "shared_expert": "shared_experts", "shared_expert_gate": None,
-        "per_expert_tensors": ["router.weight", "router.e_score_correction_bias",
-                               "experts.gate_up_proj", "experts.down_proj"],
-        # DeepseekV3ForCausalLM holds no expert count of its own.
-        "count_attributes": ["router.num_experts", "experts.num_experts"],
-        "config": {"num_experts": "n_routed_experts", "top_k": "num_experts_per_tok",
-                   "first_k_dense_replace": "first_k_dense_replace", "mlp_only_layers": None,
-                   "decoder_sparse_step": None},
-        "routing": {"scoring": "sigmoid", "norm_topk_prob": {"field": "norm_topk_prob"},
-                    "routed_scaling_factor": {"field": "routed_scaling_factor"},
-                    "n_group": {"field": "n_group"}, "topk_group": {"field": "topk_group"},
-                    "group_score_topk": 2, "renorm_eps": 1e-20, "logits_float32": True},
-        "checkpoint_expert_keys": "mlp.experts.{e}.gate_proj/up_proj/down_proj.weight",
-    },
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,17 +60,24 @@ def _config_of(model_or_config):
     return getattr(model_or_config, "config", model_or_config)
 
 
+def moe_model_types() -> list[str]:
+    """The registry's mixture-of-experts families."""
+    return sorted(name for name, fam in ARCHITECTURES.items() if fam.moe is not None)
+
+
 def is_moe(model_or_config) -> bool:
-    return getattr(_config_of(model_or_config), "model_type", None) in MOE_FAMILIES
+    fam = ARCHITECTURES.get(getattr(_config_of(model_or_config), "model_type", None))
+    return fam is not None and fam.moe is not None
 
 
 def family_for(model_or_config) -> dict:
-    """The family entry for a model or config (a deep copy: callers may not change the table)."""
-    model_type = getattr(_config_of(model_or_config), "model_type", None)
-    if model_type not in MOE_FAMILIES:
-        raise UserError(f"'{model_type}' is not a supported MoE architecture; supported: "
-                        f"{', '.join(sorted(MOE_FAMILIES))}")
-    return copy.deepcopy(MOE_FAMILIES[model_type])
+    """The family's `moe` data plus its `layers` path, for a model or config (a deep copy: callers may
+    not change the registry)."""
+    fam = spec_for(_config_of(model_or_config))
+    if fam.moe is None:
+        raise UserError(f"'{fam.model_type}' is not a mixture-of-experts model; MoE families: "
+                        f"{', '.join(moe_model_types())}")
+    return {"layers": fam.layers, **copy.deepcopy(fam.moe)}
 
 
 def config_value(config, spec):
@@ -182,6 +108,29 @@ def moe_layer_indices(model_or_config) -> list[int]:
     step = getattr(config, fields["decoder_sparse_step"]) if fields["decoder_sparse_step"] else 1
     return [i for i in range(config.num_hidden_layers)
             if i >= (first_dense or 0) and i not in dense and (i + 1) % step == 0]
+
+
+def dense_layer_fields_after_drop(config, keep: list[int]) -> dict[str, object]:
+    """The config fields that say which layers are dense, rewritten for a model that keeps only decoder
+    layers `keep` (old indices, ascending), so that every kept layer stays MoE or dense as it was:
+    `first_k_dense_replace` counts the kept leading dense layers; `mlp_only_layers` lists the kept dense
+    layers' new indices and `decoder_sparse_step` becomes 1 (a step pattern does not survive renumbering).
+    Raises ValueError if the family's fields cannot express the kept pattern (a bug, not user input)."""
+    fields = family_for(config)["config"]
+    moe_before = set(moe_layer_indices(config))
+    dense_new = [new for new, old in enumerate(keep) if old not in moe_before]
+    out: dict[str, object] = {}
+    if fields["mlp_only_layers"]:
+        out[fields["mlp_only_layers"]] = dense_new
+        if fields["decoder_sparse_step"]:
+            out[fields["decoder_sparse_step"]] = 1
+    elif fields["first_k_dense_replace"]:
+        out[fields["first_k_dense_replace"]] = len(dense_new)
+        if dense_new != list(range(len(dense_new))):
+            raise ValueError(f"dense layers {dense_new} after the drop are not the leading ones")
+    elif dense_new:
+        raise ValueError(f"{config.model_type} has no config field for dense layers, but layers {dense_new} are dense")
+    return out
 
 
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune.errors import UserError
-from llmprune.moe.families import (RouterConfig, expert_activation, experts_of, router_tensors)
+from llmprune.moe.families import RouterConfig, experts_of, router_tensors
 
 
 @dataclass
@@ -155,13 +155,19 @@ def route_block(block: nn.Module, family: dict, rcfg: RouterConfig, x: torch.Ten
 # expert and block outputs from 2-D per-expert views
 
 
+def expert_hidden(experts: nn.Module, family: dict, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """[t, I] the down projection's input h = act(gate x) · up x of one expert (of the fused `experts`
+    module) on x [t, H], with its current gate_up weights."""
+    gate_up = getattr(experts, family["gate_up_proj"])[expert]             # [2I, H]
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)                       # the model's own op order
+    return getattr(experts, family["activation"])(gate) * up
+
+
 def expert_forward(block: nn.Module, family: dict, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(down input h = act(gate x) · up x [t, I], unweighted expert output [t, H]) of one expert on x [t, H]."""
     experts = experts_of(block, family)
-    gate_up = getattr(experts, family["gate_up_proj"])[expert]             # [2I, H]
     down = getattr(experts, family["down_proj"])[expert]                   # [H, I]
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)                       # the model's own op order
-    hidden = expert_activation(block, family)(gate) * up
+    hidden = expert_hidden(experts, family, expert, x)
     return hidden, F.linear(hidden, down)
 
 

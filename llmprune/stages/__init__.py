@@ -167,7 +167,11 @@ def run_stage(ctx: StageContext, method: str, params: dict) -> StageRecord:
     if kind.name == "prune":
         call["method"] = method
     layers.begin_stage(ctx, kind)
-    with distributed.replicated(not kind.splits_batches):
+    from llmprune.arch import spec_for
+
+    # Per-expert statistics (moe.observe) are not reduced across ranks: MoE models run every batch on every rank.
+    splits = kind.splits_batches and spec_for(ctx.model).moe is None
+    with distributed.replicated(not splits):
         record = kind.run(ctx, **call)
     zeros_before, zeros_after, elements = layers.end_stage(ctx, kind)
     record.index, record.method, record.kind = ctx.index, method, kind.name
@@ -196,4 +200,4 @@ def replay_stage(ctx: StageContext, method: str) -> None:
 
 def _load_kinds() -> None:
     """Importing the kind modules registers them (imports are cached: cheap after the first call)."""
-    from llmprune.stages import depth, prune, width  # noqa: F401
+    from llmprune.stages import depth, experts, heal, prune, width  # noqa: F401

@@ -1,10 +1,17 @@
 """The `prune` stage kind: zeros in the same matrices (unstructured or N:M), by any pruning method.
 
 Per decoder layer: onload, collect the statistics the method needs (two-pass or true-sequential,
-`calibration/engine.py`), prune every targeted linear with the method at its allocated pattern,
+`calibration/engine.py`), prune every targeted matrix with the method at its allocated pattern,
 record its keep-mask, propagate the pruned outputs to the next layer. lm_head / embeddings only
 when `targets` names them. Allocation (how the target is spread over matrices) is decided before
 the layer loop (`llmprune/allocation.py`).
+
+Targets are `arch.Matrix` handles: every linear of the decoder layers and, in MoE models, every routed
+expert's 2-D slices of the fused 3-D expert parameters (`...experts.gate_up_proj[5]`), calibrated on the
+tokens routed to that expert (`moe.observe.LayerMatrixObserver`: the experts module is one lockstep point
+in the true-sequential schedule: all batches arrive, every gate_up slice is pruned, the down slices are
+calibrated on the pruned gate_up outputs and pruned, all batches go on). Routers are pruned only when
+`targets` names them. An expert that received no calibration token is pruned by magnitude, with a note.
 """
 from __future__ import annotations
 
@@ -16,13 +23,15 @@ from tqdm.auto import tqdm
 
 from llmprune import distributed
 from llmprune.allocation import global_magnitude_sparsities, owl_layer_sparsities_for_model
-from llmprune.arch import (TargetSelector, decoder_layers, get_module, head_targets, layer_linears, prunable_linears,
-                           spec_for, weight_2d)
+from llmprune.arch import (Matrix, TargetSelector, decoder_layers, get_module, head_targets, layer_matrices,
+                           prunable_matrices, spec_for, weight_2d)
 from llmprune.calibration.engine import LayerStep, capture_layer_inputs, default_true_sequential, layerwise
 from llmprune.calibration.observers import LayerObserver
 from llmprune.errors import UserError
 from llmprune.masks import Pattern, parse_pattern, sparsity_of
 from llmprune.methods import LinearStats, MethodSpec, get_method
+from llmprune.moe.families import is_moe
+from llmprune.moe.observe import LayerMatrixObserver
 from llmprune.params import Range
 from llmprune.report import ModuleResult, StageRecord, pattern_target
 from llmprune.stages import StageContext, stage_kind
@@ -64,10 +73,13 @@ def _validate(params: dict, where: str) -> dict:
 
 def _check_targets(model: nn.Module, params: dict, where: str) -> tuple[dict, dict]:
     selector = TargetSelector(params.get("targets"), params.get("ignore"))
-    targets, heads = prunable_linears(model, selector), head_targets(model, selector)
+    targets, heads = prunable_matrices(model, selector), head_targets(model, selector)
     if not targets and not heads:
         raise UserError(f"{where}: no linear layer matches targets={params.get('targets')!r} "
                         f"ignore={params.get('ignore')!r}")
+    if params.get("allocation") == "owl" and is_moe(model):
+        raise UserError(f"{where}: allocation owl scores the outliers of each layer's linears and does not see "
+                        f"the fused experts of an MoE model yet; use allocation uniform or global")
     pattern = parse_pattern(params["sparsity"])
     method = get_method(params["method"])
     for name, module in {**targets, **heads}.items():
@@ -124,32 +136,50 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
             layer_index = name[len(layers_path) + 1:].split(".", 1)[0]
             module_pattern[name] = Pattern(sparsity=layer_sparsity[f"{layers_path}.{layer_index}"])
 
-    def prune_one(name: str, module: nn.Module, stats: LinearStats | None) -> None:
+    unseen_experts: list[str] = []
+
+    def prune_one(name: str, module: nn.Module | Matrix, stats: LinearStats | None) -> None:
+        how, params = spec, method_params
         if spec.needs and stats is None:
-            raise UserError(f"{where}: {name} received no input during calibration, so {method} has no "
-                            f"statistics for it; exclude it with --ignore")
-        _prune_module(module, stats, module_pattern.get(name, pattern), spec, method_params, ctx,
+            if not (isinstance(module, Matrix) and module.role == "expert"):
+                raise UserError(f"{where}: {name} received no input during calibration, so {method} has no "
+                                f"statistics for it; exclude it with --ignore")
+            # The router sent this expert no calibration token: there is nothing to weigh its inputs by.
+            how, params = get_method("magnitude"), {}
+            unseen_experts.append(name)
+        _prune_module(module, stats, module_pattern.get(name, pattern), how, params, ctx,
                       lambda result: record.modules.__setitem__(name, result))
 
+    selector = TargetSelector(targets, ignore)
+    moe = spec_for(model).moe
+
     def prune_layer(step: LayerStep) -> None:
-        layer_targets = {n: m for n, m in layer_linears(step.layer, step.name).items() if n in linears}
+        layer_targets = {n: m for n, m in layer_matrices(step.layer, step.name, selector, moe).items()
+                         if n in linears}
         if not layer_targets:
             return
         if not spec.needs:
-            for name, module in layer_targets.items():
-                prune_one(name, module, None)
+            for name, matrix in layer_targets.items():
+                prune_one(name, matrix, None)
             distributed.flush()
             return
-        obs = LayerObserver(layer_targets, spec.needs)
-        if true_sequential:                   # prunes every linear and propagates, in one pass
-            step.forward_lockstep(obs, lambda name, stats: prune_one(name, layer_targets[name], stats))
-            return
-        with obs.hooked(stop_early=True):
-            step.forward_all(obs)
+        # A calibration point is a linear, or a fused experts module for all its expert slices.
+        obs = LayerMatrixObserver(layer_targets, spec.needs, bool(true_sequential), moe)
+
+        def prune_point(point: str, stats) -> None:
+            for name, matrix_stats in obs.matrix_stats(point, stats):
+                prune_one(name, layer_targets[name], matrix_stats)
+
+        with obs.attached():
+            if true_sequential:                   # prunes every matrix and propagates, in one pass
+                step.forward_lockstep(obs, prune_point)
+                return
+            with obs.hooked(stop_early=True):
+                step.forward_all(obs)
         obs.seal_all()
-        for name, module in layer_targets.items():
-            prune_one(name, module, obs.stats.pop(name, None))
-        distributed.flush()           # under torchrun: the linears above ran on different ranks
+        for point in list(obs.linears):
+            prune_point(point, obs.stats.pop(point, None))
+        distributed.flush()           # under torchrun: the matrices above ran on different ranks
 
     n_layers = len(decoder_layers(model))
     desc = f"{method} {pattern}" + (" (owl)" if allocation == "owl" else "")
@@ -168,6 +198,10 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
         _prune_module(module, stats, module_pattern.get(name, pattern), spec, method_params, ctx,
                       lambda result, name=name: record.modules.__setitem__(name, result))
     distributed.flush()
+    if unseen_experts:
+        record.notes.append(f"{where}: {len(unseen_experts)} expert matrices received no calibration token and were "
+                            f"pruned by magnitude: {', '.join(unseen_experts[:8])}"
+                            + (f" (+{len(unseen_experts) - 8} more)" if len(unseen_experts) > 8 else ""))
     record.achieved = round(record.sparsity, 6)
     return record
 

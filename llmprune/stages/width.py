@@ -65,6 +65,8 @@ def _validate(params: dict, where: str) -> dict:
 
 def kept_units(dims: Dims, fam: Family, group: str, keep: float, round_to: int, where: str) -> int:
     """How many units every layer keeps, or a UserError with the nearest valid value."""
+    if fam.group(group).refuse:            # the registry says why this family cannot lose such units
+        raise UserError(f"{where}: {fam.group(group).refuse}")
     total = group_units(dims, group)
     if group == "mlp":
         kept = int(round(keep * total / round_to)) * round_to

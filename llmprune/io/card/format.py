@@ -56,11 +56,12 @@ def numel(shape: Any) -> int | None:
 
 def module_type(name: str) -> str:
     """`model.layers.3.self_attn.q_proj` -> `q_proj`; a trailing `.weight` is dropped first.
-    Expert linears (`...experts.7.up_proj`) group with their type; the index is not the type."""
+    Expert linears (`...experts.7.up_proj`) and fused-expert slices (`...experts.gate_up_proj[7]`) group
+    with their type; the expert index is not the type."""
     parts = [p for p in name.split(".") if p]
     if parts and parts[-1] in ("weight", "bias"):
         parts = parts[:-1]
-    return parts[-1] if parts else name
+    return parts[-1].split("[", 1)[0] if parts else name
 
 
 def tag(text: str) -> str:

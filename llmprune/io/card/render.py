@@ -30,6 +30,7 @@ def render_card(directory: str | os.PathLike, repo_id: str | None = None, base_m
         summary.title_and_summary(directory, sidecar, repo_id),
         summary.usage(directory, sidecar, repo_id),
         sections.stages_section(sidecar),
+        sections.heal_section(sidecar),
         sections.sparsity_section(sidecar),
         sections.delta_section(sidecar),
         sections.pack_section(sidecar),

@@ -54,6 +54,56 @@ def stages_section(sidecar: dict[str, Any]) -> str | None:
                       table(["stage", "method", "removed", "parameters", "zeros after", "time (s)"], rows)])
 
 
+def _source_name(value: Any) -> Any:
+    if isinstance(value, str) and (value.startswith(("/", "~")) or os.sep in value):
+        return f"{Path(value).name} (a local file)"
+    return value
+
+
+def heal_section(sidecar: dict[str, Any]) -> str | None:
+    """The recovery runs (`heal` stages, recipe or `llmprune heal`): what was trained, on what, and the
+    held-out loss before and after."""
+    import math
+
+    records = [r for r in sidecar_io.stages(sidecar) if r.get("kind") == "heal" and is_num(r.get("loss_before"))
+               and is_num(r.get("loss_after"))]
+    if not records:
+        return None
+    trained = {"perp": "norms and biases (PERP)", "lora": "masked LoRA, merged through the mask",
+               "all": "all weights, pruned ones held at zero"}
+    rows = []
+    for r in records:
+        data = r.get("data") if isinstance(r.get("data"), dict) else {}
+        what = trained.get(str(r.get("train") or r.get("mode")), str(r.get("train")))
+        if r.get("mode") == "distill":
+            distill = r.get("distill") or {}
+            how = "on its own responses" if distill.get("self_generated") else "KL on text"
+            what = f"distilled from the unpruned model ({how}); trained: {what}"
+        if r.get("rank"):
+            what += f", rank {r['rank']}"
+        text = "n/a"
+        if data:
+            text = f"{_source_name(data.get('source'))}, {data.get('windows')} × {data.get('seqlen')} tokens"
+        if data.get("disjoint_from_calibration"):
+            text += ", disjoint from the calibration windows"
+        loss = f"{float(r['loss_before']):.4f} → {float(r['loss_after']):.4f}"
+        ppl = f"{math.exp(float(r['loss_before'])):.2f} → {math.exp(float(r['loss_after'])):.2f}"
+        params = (f"{int(r['trainable_parameters']):,} ({pct(r['trainable_parameters'] / r['total_parameters'], 3)})"
+                  if is_num(r.get("trainable_parameters")) and is_num(r.get("total_parameters"))
+                  and r["total_parameters"] else "n/a")
+        seconds = r.get("train_seconds", r.get("seconds"))
+        rows.append([r.get("index"), r.get("mode"), what, r.get("steps"), r.get("lr"), text, loss, ppl, params,
+                     f"{float(seconds):.1f}" if is_num(seconds) else "n/a"])
+    eval_windows = {r.get("eval_windows") for r in records}
+    return "\n".join([
+        "## Recovery (heal)", "",
+        "Short training runs after pruning that keep every pruned weight at zero. The loss is the mean next-token "
+        f"loss (nats) on {', '.join(str(w) for w in sorted(eval_windows, key=str))} held-out windows of the heal "
+        "text, measured before and after each run.", "",
+        table(["stage", "mode", "trained", "steps", "lr", "data", "held-out loss", "perplexity",
+               "trainable parameters", "training time (s)"], rows)])
+
+
 def sparsity_section(sidecar: dict[str, Any]) -> str | None:
     sparsity = sidecar.get("sparsity")
     found = patterns(sidecar)

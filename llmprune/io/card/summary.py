@@ -132,7 +132,8 @@ def limitations(directory: Path, sidecar: dict[str, Any], results: dict[str, Any
     if out_kind == "compress":
         items += _zeros_items(sidecar)
         if sidecar_io.is_structured(sidecar):
-            items.append("Removed layers, heads or MLP neurons make the model smaller and faster on any runtime, "
+            items.append("Removed layers, heads or MLP neurons make the model smaller and faster on any runtime "
+                         "(removed MoE experts make it smaller; each token still runs top_k experts), "
                          "but the loss is not uniform: multi-step generative reasoning (arithmetic, code) and "
                          "closed-book knowledge degrade before perplexity does. A short recovery run "
                          "(`llmprune heal`) wins part of it back.")
