@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tinymodel import (CACHE_DIR, build_tokenizer, encode_joined, heldout_perplexity,  # noqa: E402
+from tinymodel import (build_tokenizer, cached_model, encode_joined, heldout_perplexity,  # noqa: E402
                        train_causal_lm, unigram_perplexity)
 
 STDLIB_MIXTRAL = dict(vocab_size=2048, hidden=192, layers=4, heads=6, kv_heads=2, expert_intermediate=192,
@@ -138,31 +137,7 @@ def _train(out_dir: Path, args: dict) -> dict:
 
 def get_trained_mixtral(name: str = "stdlib-mixtral", **overrides) -> Path:
     """Train (or reuse from benchmarks/_cache/<name>) the small Mixtral; returns its save_pretrained dir."""
-    args = {**STDLIB_MIXTRAL, **overrides}
-    out = CACHE_DIR / name
-    meta_path = out / "train_meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("args") == args and (out / "model.safetensors").is_file():
-            print(f"reusing {out}: held-out stdlib perplexity {meta['heldout_perplexity']:.2f} "
-                  f"(unigram {meta['unigram_perplexity']:.1f}), {meta['steps']} steps", flush=True)
-            return out
-    print(f"training {name} into {out} (once; cached afterwards)", flush=True)
-    tmp = CACHE_DIR / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # independent of the core count; faster than oversubscribed threads on a shared box
-    try:
-        meta = _train(tmp, args)
-    finally:
-        torch.set_num_threads(previous_threads)
-    meta["args"] = args
-    (tmp / "train_meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return cached_model(name, {**STDLIB_MIXTRAL, **overrides}, _train)
 
 
 if __name__ == "__main__":

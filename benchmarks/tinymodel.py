@@ -17,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -300,31 +300,41 @@ COMPRESS_BENCH_LLAMA = dict(STDLIB_LLAMA, hidden=512, layers=6, heads=8, kv_head
                             steps=800, max_wall_s=1500.0)
 
 
-def get_trained_llama(name: str = "stdlib-llama", **overrides) -> Path:
-    """Train (or reuse from benchmarks/_cache/<name>) a small Llama on stdlib train; returns its
-    `save_pretrained` directory (model + tokenizer). Prints the held-out perplexity."""
-    args = {**STDLIB_LLAMA, **overrides}
+def cached_model(name: str, args: dict, train: Callable[[Path, dict], dict]) -> Path:
+    """benchmarks/_cache/<name> if it was trained with exactly `args`, else `train(tmp_dir, args)` (returns
+    the training metadata) into a temporary folder renamed into place; prints the held-out perplexity."""
+    import shutil
+
     out = CACHE_DIR / name
     meta_path = out / "train_meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("args") == args and (out / "model.safetensors").is_file():
             print(f"reusing {out}: held-out stdlib perplexity {meta['heldout_perplexity']:.2f} "
-                  f"(unigram {meta['unigram_perplexity']:.1f})", flush=True)
+                  f"(unigram {meta['unigram_perplexity']:.1f}), {meta['steps']} steps", flush=True)
             return out
     print(f"training {name} into {out} (once; cached afterwards)", flush=True)
     tmp = CACHE_DIR / f".{name}.tmp-{os.getpid()}"
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
-    meta = train_stdlib_llama(tmp, **args)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # independent of the core count; faster than oversubscribed threads on a shared box
+    try:
+        meta = train(tmp, args)
+    finally:
+        torch.set_num_threads(previous_threads)
     meta["args"] = args
     (tmp / "train_meta.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def get_trained_llama(name: str = "stdlib-llama", **overrides) -> Path:
+    """Train (or reuse from benchmarks/_cache/<name>) a small Llama on stdlib train; returns its
+    `save_pretrained` directory (model + tokenizer). Prints the held-out perplexity."""
+    return cached_model(name, {**STDLIB_LLAMA, **overrides}, lambda tmp, args: train_stdlib_llama(tmp, **args))
 
 
 if __name__ == "__main__":
