@@ -15,13 +15,13 @@ calibrated on the pruned gate_up outputs and pruned, all batches go on). Routers
 """
 from __future__ import annotations
 
-import time
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmprune import distributed
 from llmprune.allocation import global_magnitude_sparsities, owl_layer_sparsities_for_model
 from llmprune.arch import (Matrix, TargetSelector, decoder_layers, get_module, head_targets, layer_matrices,
                            prunable_matrices, spec_for, weight_2d)
@@ -96,7 +96,7 @@ def _check_model(model: nn.Module, params: dict, where: str) -> None:
 
 
 @stage_kind("prune", methods=(), needs_calibration=_needs_calibration, validate=_validate, check_model=_check_model,
-            summary="zeros in the same matrices: unstructured or N:M, by a pruning method")
+            streams=True, splits_batches=True, summary="zeros in the same matrices: unstructured or N:M, by a pruning method")
 def prune(ctx: StageContext, *, method: str, sparsity: str | float,
           allocation: Literal["uniform", "owl", "global"] = "uniform",
           owl_m: Annotated[float, Range(0, low_open=True)] = 5.0,
@@ -111,7 +111,7 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
     layers_path = spec_for(model).layers
     params = {"method": method, "sparsity": sparsity, "targets": targets, "ignore": ignore}
     linears, heads = _check_targets(model, params, where)
-    record = StageRecord(target=pattern_target(pattern))
+    record = ctx.new_record(target=pattern_target(pattern))
     calib_ids = ctx.calib_ids() if (spec.needs or allocation == "owl") else None
     batch_size = ctx.calibration.batch_size
     if spec.needs:
@@ -147,7 +147,8 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
             # The router sent this expert no calibration token: there is nothing to weigh its inputs by.
             how, params = get_method("magnitude"), {}
             unseen_experts.append(name)
-        record.modules[name] = _prune_module(module, stats, module_pattern.get(name, pattern), how, params, ctx)
+        _prune_module(module, stats, module_pattern.get(name, pattern), how, params, ctx,
+                      lambda result: record.modules.__setitem__(name, result))
 
     selector = TargetSelector(targets, ignore)
     moe = spec_for(model).moe
@@ -160,6 +161,7 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
         if not spec.needs:
             for name, matrix in layer_targets.items():
                 prune_one(name, matrix, None)
+            distributed.flush()
             return
         # A calibration point is a linear, or a fused experts module for all its expert slices.
         obs = LayerMatrixObserver(layer_targets, spec.needs, bool(true_sequential), moe)
@@ -177,6 +179,7 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
         obs.seal_all()
         for point in list(obs.linears):
             prune_point(point, obs.stats.pop(point, None))
+        distributed.flush()           # under torchrun: the matrices above ran on different ranks
 
     n_layers = len(decoder_layers(model))
     desc = f"{method} {pattern}" + (" (owl)" if allocation == "owl" else "")
@@ -186,16 +189,15 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
             captured = capture_layer_inputs(model, calib_ids, batch_size)
             layerwise(model, captured, ctx.device, layers_path, prune_layer, bar)
         else:   # data-free: no forward passes at all
-            for i, layer in enumerate(decoder_layers(model)):
-                prune_layer(LayerStep(index=i, name=f"{layers_path}.{i}", layer=layer))
-                bar.update(1)
+            layerwise(model, None, ctx.device, layers_path, prune_layer, bar)
 
     for name, module in heads.items():   # lm_head / embeddings, only when targeted explicitly
         stats = None
         if spec.needs and not isinstance(module, nn.Embedding):
             stats = _head_stats(model, module, captured, spec.needs)
-        record.modules[name] = _prune_module(module, stats, module_pattern.get(name, pattern), spec,
-                                             method_params, ctx)
+        _prune_module(module, stats, module_pattern.get(name, pattern), spec, method_params, ctx,
+                      lambda result, name=name: record.modules.__setitem__(name, result))
+    distributed.flush()
     if unseen_experts:
         record.notes.append(f"{where}: {len(unseen_experts)} expert matrices received no calibration token and were "
                             f"pruned by magnitude: {', '.join(unseen_experts[:8])}"
@@ -205,16 +207,22 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
 
 
 def _prune_module(module: nn.Module, stats: LinearStats | None, pattern: Pattern, method: MethodSpec,
-                  params: dict, ctx: StageContext) -> ModuleResult:
-    """Run the method on a float32 working copy on the compute device; write weight ⊙ keep_mask back."""
-    t0 = time.perf_counter()
-    weight = weight_2d(module).to(device=ctx.device, dtype=torch.float32).clone()   # [out, in]
-    result = method.fn(weight, stats if stats is not None else LinearStats(), pattern, **params)
-    # A method returns the pruned weight, or (weight, keep_mask) when kept weights may be exactly zero.
-    pruned, keep_mask = result if isinstance(result, tuple) else (result, result != 0)
-    ctx.masks.apply(module, pruned, keep_mask, pattern_target(pattern))
-    return ModuleResult(shape=tuple(weight.shape), target=pattern_target(pattern),
-                        achieved=sparsity_of(weight_2d(module)), seconds=time.perf_counter() - t0)
+                  params: dict, ctx: StageContext, done: Callable[[ModuleResult], None]) -> None:
+    """Run the method on a float32 working copy on the compute device; write weight ⊙ keep_mask back
+    and hand the result to `done`. Under torchrun the method runs on the matrix's rank and every rank
+    applies the result at the next `distributed.flush()` (at once in a single process)."""
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        weight = weight_2d(module).to(device=ctx.device, dtype=torch.float32).clone()   # [out, in]
+        result = method.fn(weight, stats if stats is not None else LinearStats(), pattern, **params)
+        # A method returns the pruned weight, or (weight, keep_mask) when kept weights may be exactly zero.
+        return result if isinstance(result, tuple) else (result, result != 0)
+
+    def apply(pruned: torch.Tensor, keep_mask: torch.Tensor, seconds: float) -> None:
+        ctx.masks.apply(module, pruned, keep_mask, pattern_target(pattern))
+        done(ModuleResult(shape=tuple(pruned.shape), target=pattern_target(pattern),
+                          achieved=sparsity_of(weight_2d(module)), seconds=seconds))
+
+    distributed.submit(compute, apply)
 
 
 @torch.no_grad()
@@ -226,9 +234,9 @@ def _head_stats(model, head: nn.Module, captured, needs) -> LinearStats:
     obs = LayerObserver({"head": head}, needs)
     with obs.hooked():
         for b, hidden in enumerate(captured.hidden):
-            obs.start_batch(b)
+            obs.start_batch(captured.batch_ids[b])
             x = norm(hidden.to(norm_device))
             head(x.to(head_device))
-            obs.end_batch(b)
+            obs.end_batch(captured.batch_ids[b])
     obs.seal_all()
     return obs.stats["head"]
