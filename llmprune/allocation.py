@@ -84,12 +84,13 @@ def owl_layer_sparsities_for_model(model, calib_ids: torch.Tensor, batch_size: i
         obs = LayerObserver(linears, {"input_sq_norm"})
         with obs.hooked(stop_early=True):
             s.forward_all(obs)
+        obs.seal_all()
         ratios.append(owl_outlier_ratio([weight_2d(m) for m in linears.values()],
                                         [obs.stats[n].input_sq_norm for n in linears], owl_m))
 
     captured = capture_layer_inputs(model, calib_ids, batch_size)
     with tqdm(total=len(decoder_layers(model)), desc="OWL outlier scan", disable=not progress, unit="layer") as bar:
-        layerwise(model, captured, device, prefix, step, bar)
+        layerwise(model, captured, device, prefix, step, bar, final=False)   # a dense scan: prunes nothing
     valid = [r for r in ratios if r == r]
     per_layer = iter(owl_layer_sparsities(valid, target, owl_lambda))
     return {f"{prefix}.{i}": next(per_layer) for i, r in enumerate(ratios) if r == r}

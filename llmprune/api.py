@@ -4,6 +4,10 @@ The CLI is a thin shell over this. The model is edited in place (the caller owns
 loads a fresh copy from disk, so the input checkpoint is never touched). Each recipe stage runs
 through `llmprune.stages.run_stage`; after the last one the config is checked against every
 tensor (`edits.verify_config`), so what is saved loads with `from_pretrained`.
+
+`layers=` hands the run a layer store (`llmprune.calibration.streaming`): the CLI passes one that
+streams decoder layers from and to disk and journals the run (`llmprune.io.streamed`); a resumed run
+replays the stages it had finished (their edits, on the skeleton) and continues the interrupted one.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from llmprune.io.load import resolve_device
 from llmprune.masks import sparsity_of
 from llmprune.recipe import Recipe, load_recipe
 from llmprune.report import CompressReport, ModuleResult
-from llmprune.stages import StageContext, kind_for, run_stage
+from llmprune.stages import StageContext, kind_for, replay_stage, run_stage
 
 __all__ = ["compress", "check_recipe", "calibration_set", "CalibrationSet", "CompressReport"]
 
@@ -38,14 +42,23 @@ def check_recipe(model: nn.Module, recipe: Recipe) -> None:
 
 
 def compress(model: nn.Module, tokenizer=None, recipe: Recipe | dict | str = "wanda-50", calib=None, *,
-             device: str = "auto", progress: bool = True, teacher=None) -> tuple[nn.Module, CompressReport]:
+             device: str = "auto", progress: bool = True, teacher=None,
+             layers=None) -> tuple[nn.Module, CompressReport]:
     """Run `recipe`'s stages on `model` in place; return it with a report.
 
     calib: None (the recipe's calibration source), a source spec ("c4", "wikitext2", "stdlib", a
     .txt/.jsonl/.parquet path), a LongTensor [n_samples, seqlen] of token ids, or a CalibrationSet.
     teacher: the unpruned model for a `heal` stage in distill mode (a module, or a callable that
     returns one); by default a copy of `model` taken before the first stage.
+    layers: a layer store for `model` (default: its layers stay in memory).
     """
+    from llmprune.calibration.streaming import LayerStore, attach
+
+    with attach(model, layers if layers is not None else LayerStore(model)) as store:
+        return _compress(model, tokenizer, recipe, calib, device, progress, teacher, store)
+
+
+def _compress(model, tokenizer, recipe, calib, device, progress, teacher, store) -> tuple[nn.Module, CompressReport]:
     t0 = time.perf_counter()
     recipe = copy.deepcopy(load_recipe(recipe))     # the report's copy records what ran
     spec_for(model)                                   # unsupported family -> clear error now
@@ -70,7 +83,16 @@ def compress(model: nn.Module, tokenizer=None, recipe: Recipe | dict | str = "wa
             ctx = StageContext(model=model, tokenizer=tokenizer, calibration=recipe.calibration, calib=calib_set,
                                device=device, progress=progress, masks=masks, index=i,
                                where=f"stage {i} ({stage.method})", teacher=teacher)
-            record = run_stage(ctx, stage.method, stage.params)
+            finished = store.completed(i)         # a resumed run: this stage was done before the interruption
+            if finished is not None:
+                record, ctx.edits = finished
+                replay_stage(ctx, stage.method)
+            else:
+                interrupted = store.resumed(i)
+                if interrupted is not None:
+                    ctx.resumed, ctx.edits = interrupted
+                record = run_stage(ctx, stage.method, stage.params)
+                store.stage_done(ctx, record)
             # The recipe as run: every parameter the stage used, defaults and runtime choices resolved.
             stage.params = {k: v for k, v in record.params.items() if v is not None}
             report.stages.append(record)
@@ -79,7 +101,7 @@ def compress(model: nn.Module, tokenizer=None, recipe: Recipe | dict | str = "wa
         model.train(was_training)
         if use_cache is not None:
             model.config.use_cache = use_cache
-    report.final_modules = final_modules(model, masks)
+    report.final_modules = store.final_modules(masks)
     report.parameters_after = parameter_count(model)
     report.notes += [n for r in report.stages for n in r.notes]
     report.wall_time_s = time.perf_counter() - t0

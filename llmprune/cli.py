@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, _Terminated)
-        print(f"llmprune: {'terminated (SIGTERM)' if terminated else 'interrupted'}; nothing was written",
-              file=sys.stderr)
+        hint = getattr(exc, "llmprune_hint", None) or "nothing was written"
+        print(f"llmprune: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {hint}", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as exc:  # an internal error: still one line unless --debug
         if debug:

@@ -165,10 +165,11 @@ def _compress_recording(model, stages, linear="layers.1.mlp.gate_proj"):
     seen = {}
     orig = observers.LayerObserver.seal
 
-    def spy(self, stats):
+    def spy(self, stats):            # the batches are summed when sealed: read it afterwards
+        out = orig(self, stats)
         if stats.hessian is not None and any(s is stats and n.endswith(linear) for n, s in self.stats.items()):
             seen.setdefault("hessian", stats.hessian.clone())
-        return orig(self, stats)
+        return out
 
     observers.LayerObserver.seal = spy
     try:
@@ -217,11 +218,12 @@ def test_calibration_uses_pruned_outputs_of_earlier_layers(true_sequential):
 
     orig = observers.LayerObserver.seal
 
-    def spy(self, stats):
-        if not self.is_sealed(stats) and any("layers.1.self_attn.q_proj" in name and s is stats
-                                             for name, s in self.stats.items()):
+    def spy(self, stats):            # the batches are summed when sealed: read it afterwards
+        first = not self.is_sealed(stats)
+        out = orig(self, stats)
+        if first and any("layers.1.self_attn.q_proj" in name and s is stats for name, s in self.stats.items()):
             seen.append(stats.input_sq_norm.clone())
-        return orig(self, stats)
+        return out
 
     observers.LayerObserver.seal = spy
     try:

@@ -297,6 +297,7 @@ def test_observer_accumulates_input_sums_only_when_needed():
         obs.start_batch(b)
         obs.observe("lin", x)
         obs.end_batch(b)
+    obs.seal_all()                     # per-batch statistics are summed (in a fixed order) when sealed
     stats = obs.stats["lin"]
     flat = torch.cat([x1.reshape(-1, 6), x2])
     assert stats.n_tokens == 14

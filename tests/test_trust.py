@@ -168,8 +168,10 @@ SLOW_SAVE = textwrap.dedent("""
 def _start_slow_compress(ws: Path, out: Path, tmp_path: Path) -> subprocess.Popen:
     script = tmp_path / "slow.py"
     script.write_text(SLOW_SAVE)
+    # --in-memory: the whole model is saved at the end through save_model, which SLOW_SAVE holds up
+    # (a streamed run, the default, is covered by tests/test_scale.py)
     proc = subprocess.Popen([sys.executable, str(script), "compress", str(ws / "model"), "--method", "magnitude",
-                             "--sparsity", "0.5", "--quiet", "--output", str(out)], stdout=subprocess.PIPE,
+                             "--sparsity", "0.5", "--quiet", "--in-memory", "--output", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "SAVED"       # blocks until the temp folder holds the model
     return proc
@@ -300,7 +302,7 @@ def test_disk_full_while_saving_says_how_much_and_where(ws, tmp_path, capsys, mo
     monkeypatch.setattr(save, "save_model", fills_the_disk)
     out = tmp_path / "out"
     assert main(["compress", str(ws / "model"), "--method", "magnitude", "--sparsity", "0.5", "--quiet",
-                 "--output", str(out)]) == 2
+                 "--in-memory", "--output", str(out)]) == 2
     err = one_error_line(capsys)
     assert f"disk full while writing {out}" in err and "free on that disk" in err and "needs about" in err
     assert "KiB" in err or "MiB" in err

@@ -4,6 +4,13 @@ onload -> observe -> prune -> re-run (propagating the *pruned* outputs) -> offlo
 Only the current decoder layer lives on the compute device; the hidden states of all calibration
 windows stay on the offload device (CPU by default).
 
+Where the layers live is the business of the model's layer store (`calibration/streaming.py`): in
+memory (the default: a layer is moved to the compute device and back), or streamed from and to disk
+one layer at a time (`llmprune compress`): `layerwise` opens each layer through it and closes it
+when done; its *final* pass (the stage's last touch of a layer) lets the store edit, write and free it.
+Under torchrun each process holds a share of the calibration batches (`CapturedInputs.batch_ids`,
+global indices, so statistics reduce in one canonical order; see `llmprune.distributed`).
+
 Capturing inputs works for any family without per-model code: every decoder layer's `forward` is
 temporarily replaced by a recorder that stores the exact positional and keyword arguments the
 model passes it (attention masks, position embeddings, per-layer-type masks as in Gemma 2/3, ...)
@@ -20,8 +27,10 @@ import greenlet
 import torch
 from torch import nn
 
+from llmprune import distributed
 from llmprune.arch import decoder_layers, layer_linears, weight_2d
 from llmprune.calibration.observers import LayerObserver, StopForward
+from llmprune.calibration.streaming import layer_store
 from llmprune.errors import UserError
 from llmprune.methods import LinearStats
 
@@ -37,6 +46,11 @@ class LayerCall:
 class CapturedInputs:
     hidden: list[torch.Tensor]            # per batch: [batch, seqlen, hidden] on the offload device
     calls: list[list[LayerCall]]          # [batch][layer]
+    batch_ids: list[int] = field(default_factory=list)   # global index of each batch held here
+
+    def __post_init__(self):
+        if not self.batch_ids:
+            self.batch_ids = list(range(len(self.calls)))
 
 
 def to_device(obj, device):
@@ -54,10 +68,12 @@ def to_device(obj, device):
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
                          offload: str = "cpu") -> CapturedInputs:
-    """Run the model's own forward up to the decoder layers, recording what each layer receives."""
+    """Run the model's own forward up to the decoder layers, recording what each layer receives (for
+    this process's share of the batches under torchrun)."""
     layers = decoder_layers(model)
     n_layers = len(layers)
-    hidden: list[torch.Tensor] = []
+    batch_ids = distributed.local_batches(-(-input_ids.shape[0] // batch_size))
+    hidden = layer_store(model).new_activations(batch_ids)   # a list, or one that spills to disk
     calls: list[list[LayerCall]] = []
     current: list[LayerCall] = []
 
@@ -78,9 +94,9 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     try:
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)
-        for start in range(0, input_ids.shape[0], batch_size):
+        for b in batch_ids:
             current = []
-            batch = input_ids[start:start + batch_size].to(embed_device)
+            batch = input_ids[b * batch_size:(b + 1) * batch_size].to(embed_device)
             try:
                 model(input_ids=batch, use_cache=False)
             except StopForward:
@@ -93,7 +109,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
             layer.forward = forward
             if "forward" in layer.__dict__:
                 del layer.forward
-    return CapturedInputs(hidden=hidden, calls=calls)
+    return CapturedInputs(hidden=hidden, calls=calls, batch_ids=batch_ids)
 
 
 def run_layer(layer: nn.Module, hidden_states: torch.Tensor, call: LayerCall, device) -> torch.Tensor:
@@ -113,18 +129,22 @@ class LayerStep:
     device: str = "cpu"
     offload: str = "cpu"
     outputs: list[torch.Tensor] | None = None   # set by forward_lockstep: the layer's outputs, done
+    batch_ids: list[int] = field(default_factory=list)          # global index of each batch (statistics order)
+
+    def batch_id(self, b: int) -> int:
+        return self.batch_ids[b] if self.batch_ids else b
 
     def forward_all(self, observer: LayerObserver | None = None) -> None:
         """Run every batch through the layer (outputs dropped), for statistics."""
         for b, hidden_states in enumerate(self.hidden):
             if observer is not None:
-                observer.start_batch(b)
+                observer.start_batch(self.batch_id(b))
             try:
                 run_layer(self.layer, hidden_states, self.calls[b], self.device)
             except StopForward:
                 pass
             if observer is not None:
-                observer.end_batch(b)
+                observer.end_batch(self.batch_id(b))
 
     def forward_lockstep(self, observer: LayerObserver,
                          prune: Callable[[str, LinearStats], None]) -> None:
@@ -138,6 +158,10 @@ class LayerStep:
         SparseGPT's `--true-sequential` without its extra forward per group: every linear runs
         once per batch. A linear whose input was already complete (k, v share q's) is pruned at
         its first call. Costs memory: every batch's activations are alive at the same time.
+        Under torchrun every rank runs its own batches in this lockstep: sealing a linear's statistics
+        is the reduction across ranks, and each linear is pruned by one rank and broadcast
+        (`distributed.submit`/`flush`) before any batch goes on; a layer's linears are therefore
+        pruned one after another (two-pass calibration prunes them all in parallel).
         """
         pruned: set[str] = set()
 
@@ -148,6 +172,7 @@ class LayerStep:
             if observer.is_sealed(stats):
                 prune(name, stats)
                 pruned.add(name)
+                distributed.flush()
                 return True
             return False
 
@@ -156,8 +181,9 @@ class LayerStep:
             observer.seal(stats)
             prune(name, stats)
             pruned.add(name)
+            distributed.flush()
 
-        lockstep = _Lockstep(len(self.hidden), observer)
+        lockstep = _Lockstep(len(self.hidden), observer, [self.batch_id(b) for b in range(len(self.hidden))])
         names = {module: name for name, module in observer.linears.items()}
         handles = [module.register_forward_pre_hook(lockstep.hook(names[module], arrive))
                    for module in names]
@@ -171,6 +197,7 @@ class LayerStep:
         for name in observer.linears:            # never called during calibration
             if name not in pruned:
                 prune(name, observer.stats.get(name))
+        distributed.flush()
 
 
 class _Lockstep:
@@ -182,9 +209,10 @@ class _Lockstep:
     which slowed the many small ops of the SparseGPT sweep by ~30%.)
     """
 
-    def __init__(self, n_batches: int, observer: LayerObserver):
+    def __init__(self, n_batches: int, observer: LayerObserver, batch_ids: list[int]):
         self.n = n_batches
         self.observer = observer
+        self.batch_ids = batch_ids
         self.waiting_at: list[str | None] = [None] * n_batches
         self.current: int | None = None          # the batch whose greenlet is running
         self.coordinator: greenlet.greenlet | None = None
@@ -209,12 +237,12 @@ class _Lockstep:
                     if batch.dead:
                         continue
                     self.current = b
-                    self.observer.start_batch(b)
+                    self.observer.start_batch(self.batch_ids[b])
                     result = batch.switch(b) if not batch else batch.switch()   # first switch starts it
                     self.current = None
                     if batch.dead:
                         outputs[b] = result
-                        self.observer.end_batch(b)
+                        self.observer.end_batch(self.batch_ids[b])
                 live = [b for b in range(self.n) if not batches[b].dead]
                 if not live:
                     return outputs
@@ -232,31 +260,42 @@ class _Lockstep:
 
 
 @torch.no_grad()
-def layerwise(model: nn.Module, captured: CapturedInputs, device: str, layer_prefix: str,
+def layerwise(model: nn.Module, captured: CapturedInputs | None, device: str, layer_prefix: str,
               step: Callable[[LayerStep], None], progress: Iterator | None = None,
-              offload: str = "cpu") -> list[float]:
+              offload: str = "cpu", *, final: bool = True) -> list[float]:
     """For each decoder layer: onload, call `step` (observe + prune), propagate outputs, offload.
 
     `captured.hidden` is updated in place with each layer's outputs (after `step` edited it), so the
     next layer calibrates on the *pruned* model's activations; when `step` already produced them
-    (`forward_lockstep`), they are used as they are. Returns seconds per layer.
+    (`forward_lockstep`), they are used as they are. `captured=None`: no calibration data, `step`
+    only (data-free methods). `final`: this pass is the stage's last touch of each layer (a dense
+    scan before pruning, like OWL's, passes False); the layer store may then edit, write and free the
+    layer, and a resumed run starts at the first layer not yet finished. Returns seconds per layer.
     """
-    layers = decoder_layers(model)
+    store = layer_store(model)
+    n_layers = len(decoder_layers(model))
+    start = store.resume_index() if final else 0
+    if start and captured is not None:
+        store.restore_activations(captured)     # what layer `start` received in the interrupted run
+    if start and progress is not None:
+        progress.update(start)
     seconds = []
-    for i, layer in enumerate(layers):
+    for i in range(start, n_layers):
         t0 = time.perf_counter()
-        original_device = next(layer.parameters()).device
-        layer.to(device)
-        calls = [batch_calls[i] for batch_calls in captured.calls]
-        layer_step = LayerStep(index=i, name=f"{layer_prefix}.{i}", layer=layer, hidden=captured.hidden,
-                               calls=calls, device=device, offload=offload)
+        layer = store.open(i, device)
+        calls = [batch_calls[i] for batch_calls in captured.calls] if captured is not None else []
+        layer_step = LayerStep(index=i, name=f"{layer_prefix}.{i}", layer=layer,
+                               hidden=captured.hidden if captured is not None else [], calls=calls, device=device,
+                               offload=offload, batch_ids=captured.batch_ids if captured is not None else [])
         step(layer_step)
-        if layer_step.outputs is not None:
+        if captured is None:
+            pass
+        elif layer_step.outputs is not None:
             captured.hidden[:] = layer_step.outputs
         else:
             for b, hidden_states in enumerate(captured.hidden):
                 captured.hidden[b] = run_layer(layer, hidden_states, calls[b], device).to(offload)
-        layer.to(original_device)
+        store.close(i, layer, done=final, hidden=captured.hidden if captured is not None else None)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         seconds.append(time.perf_counter() - t0)
@@ -278,6 +317,9 @@ def default_true_sequential(model: nn.Module, method_default: bool, calib_ids: t
     itemsize = next(layer.parameters()).element_size()
     need = calib_ids.numel() * per_token * itemsize
     free = free_memory_bytes(device)
+    budget = layer_store(model).activation_budget() if not device.startswith("cuda") else None
+    if budget is not None:
+        free = budget if free is None else min(free, budget)
     if free is None or need <= free / 2:
         return True, None
     return False, (f"two-pass calibration: true-sequential would hold ~{need / 2**30:.1f} GiB of activations per "

@@ -4,6 +4,12 @@ Linears fed by the *same* input tensor (q/k/v; gate/up) share one `LinearStats`,
 Hessians cost one `XᵀX` per distinct input rather than one per linear. `XᵀX` is symmetric, so only
 its upper block triangle is accumulated (about half the flops of a full GEMM); `seal()` mirrors it
 into the full matrix once all batches are in, before any method reads it.
+
+Sums over calibration batches are taken in one fixed association order, a pairwise tree over the
+batch indices (`PairwiseSum`), whatever process computed which batch: each batch's contribution is
+computed on its own, so a run split over several processes (`llmprune.distributed`: every rank
+observes its own batches, `seal` combines the ranks' subtrees) gives the same bits as one process.
+Float sums in another order would differ in the last bits, and so would the pruned weights.
 """
 from __future__ import annotations
 
@@ -15,6 +21,47 @@ from torch import nn
 from llmprune.methods import LinearStats
 
 GRAM_BLOCK = 512   # column block of the triangular XᵀX; big enough that each GEMM runs at full speed
+
+
+class PairwiseSum:
+    """Σ of per-batch values in a canonical order: the binary tree whose perfect subtrees are the aligned
+    index blocks [k·2ʲ, (k+1)·2ʲ), the leftover blocks summed right to left at the end.
+
+    Values arrive in index order (any contiguous range of indices); two adjacent blocks of the same size
+    whose left one starts at a multiple of twice that size are merged at once (a binary counter), so at
+    most log₂(n)+1 partial sums are alive. Any process that adds the same leaves, or that is handed the
+    same blocks in order (`push`), forms every node from the same two children: the result is the same
+    bits. Values are summed in place (the caller hands over ownership).
+    """
+
+    def __init__(self):
+        self.blocks: list[tuple[int, int, torch.Tensor]] = []    # (start, size, value), ascending, contiguous
+
+    def add(self, index: int, value: torch.Tensor) -> None:
+        self.push(index, 1, value)
+
+    def push(self, start: int, size: int, value: torch.Tensor) -> None:
+        """Append the sum of indices [start, start + size): a leaf, or a block another process formed."""
+        if self.blocks:
+            last_start, last_size, _ = self.blocks[-1]
+            if start != last_start + last_size:
+                raise RuntimeError(f"pairwise sum: block at {start} after one ending at {last_start + last_size}")
+        self.blocks.append((start, size, value))
+        while len(self.blocks) >= 2:
+            (a, n, left), (_, m, right) = self.blocks[-2], self.blocks[-1]
+            if n != m or a % (2 * n):
+                break
+            self.blocks[-2:] = [(a, 2 * n, left.add_(right))]
+
+    def total(self) -> torch.Tensor | None:
+        """The root: the remaining blocks summed from the right (left + right at every node)."""
+        if not self.blocks:
+            return None
+        value = self.blocks[-1][2]
+        for _, _, left in reversed(self.blocks[:-1]):
+            value = left.add_(value)
+        self.blocks = []
+        return value
 
 
 class StopForward(Exception):
@@ -54,6 +101,7 @@ class LayerObserver:
         self._seen: dict[int, list[tuple[torch.Tensor, LinearStats]]] = {}  # per batch; keeps inputs alive
         self._done: dict[int, set[int]] = {}       # per batch: id(stats) already accumulated
         self._sealed: set[int] = set()             # id(stats) whose accumulation is finished
+        self._sums: dict[int, dict[str, PairwiseSum]] = {}   # id(stats) -> statistic -> its batch sum
         self._calls = 0                            # hooked calls in the current batch
         self.calls_per_batch: int | None = None    # learned from the first complete batch
 
@@ -82,16 +130,15 @@ class LayerObserver:
         done.add(id(stats))
         x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)          # [tokens, in]
         stats.n_tokens += x2.shape[0]
+        sums = self._sums.setdefault(id(stats), {key: PairwiseSum() for key in sorted(self.needs)})
         if "input_sq_norm" in self.needs:
-            sq = (x2 * x2).sum(0)                                    # [in]
-            stats.input_sq_norm = sq if stats.input_sq_norm is None else stats.input_sq_norm.add_(sq)
+            sums["input_sq_norm"].add(self.batch, (x2 * x2).sum(0))                  # [in]
         if "input_sum" in self.needs:
-            total = x2.sum(0)                                        # [in]
-            stats.input_sum = total if stats.input_sum is None else stats.input_sum.add_(total)
+            sums["input_sum"].add(self.batch, x2.sum(0))                             # [in]
         if "hessian" in self.needs:
-            if stats.hessian is None:
-                stats.hessian = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
-            accumulate_gram_upper(stats.hessian, x2)                 # [in, in] += XᵀX (upper half)
+            gram = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
+            accumulate_gram_upper(gram, x2)                                           # [in, in] XᵀX (upper half)
+            sums["hessian"].add(self.batch, gram)
         return stats
 
     def _shared_stats(self, name: str, x: torch.Tensor) -> LinearStats:
@@ -106,10 +153,18 @@ class LayerObserver:
         return self.stats[name]
 
     def seal(self, stats: LinearStats) -> None:
-        """No more inputs for `stats`: complete the symmetric Hessian."""
+        """No more inputs for `stats`: sum the batches (over every process of a distributed run, in
+        the canonical order) and complete the symmetric Hessian."""
         if id(stats) in self._sealed:
             return
         self._sealed.add(id(stats))
+        from llmprune import distributed
+
+        sums = self._sums.pop(id(stats), {})
+        stats.n_tokens = distributed.sum_ints(stats.n_tokens)
+        for key in sorted(self.needs):
+            total = distributed.pairwise_total(sums[key]) if key in sums else distributed.pairwise_total(PairwiseSum())
+            setattr(stats, key, total)
         if stats.hessian is not None:
             mirror_upper(stats.hessian)
 

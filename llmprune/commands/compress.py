@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from llmprune.commands import add_model_args
 
@@ -74,12 +75,26 @@ def register(sub) -> None:
                         "llmprune.load_pretrained)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest safetensors shard written, e.g. 5GB, 5G, 500MiB (default: 5GB)")
+    big = p.add_argument_group("big models, crashes, several processes")
+    big.add_argument("--max-memory", metavar="SIZE", default=None,
+                     help="host memory the run may use, e.g. 64GiB: decoder layers are read from disk one at a "
+                          "time and written straight into the output, calibration activations spill to disk "
+                          "when they do not fit (default: what is free now)")
+    big.add_argument("--resume", action="store_true",
+                     help="continue a run to the same --output that was interrupted (crash, kill, Ctrl-C) from "
+                          "its last finished layer; the result is the one the run would have given")
+    big.add_argument("--in-memory", action="store_true",
+                     help="load the whole model and write it at the end (no journal, so no --resume)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the output to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--base-model", metavar="HUB_ID", default=None,
                    help="the Hub id MODEL stands for, recorded as the base model in llmprune.json and the model "
                         "card (for a local copy; a Hub cache snapshot folder is recognised without it)")
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
+    p.epilog = ("Every run that can is journalled layer by layer in .OUTPUT.partial beside the output (removed "
+                "when it succeeds): after a crash, kill or Ctrl-C, rerun the same command with --resume. Several "
+                "processes: torchrun --nproc-per-node N -m llmprune compress ... (NCCL on GPUs, gloo on CPU) gives "
+                "the same checkpoint as one process.")
     p.set_defaults(func=run)
 
 
@@ -138,6 +153,18 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmprune import distributed
+    from llmprune.io.workdir import release_locks
+
+    try:
+        return _run(args)
+    finally:
+        release_locks()
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llmprune import distributed
     from llmprune.calibration.data import check_source
     from llmprune.errors import UserError
     from llmprune.io.save import check_output_dir, output_dir
@@ -146,10 +173,21 @@ def run(args: argparse.Namespace) -> int:
     recipe = build_recipe(args)
     from llmprune.io.checkpoint import parse_size
     from llmprune.io.load import model_input_path, resolve_model_path
+    from llmprune.io.workdir import WorkDir, check_resumable, clean_finished
 
+    streaming_flags = [f for f, on in (("--max-memory", args.max_memory is not None), ("--resume", args.resume),
+                                       ("torchrun", distributed.env_world_size() > 1)) if on]
+    if args.in_memory and streaming_flags:
+        raise UserError(f"--in-memory cannot be combined with {streaming_flags[0]} (which streams layers from disk)")
+    max_memory = parse_size(args.max_memory, "--max-memory") if args.max_memory is not None else None
     inputs = [model_input_path(args.model), args.recipe, recipe.calibration.data,   # --overwrite never deletes them
               *[s.params["data"] for s in recipe.stages if s.method == "heal" and s.params.get("data")]]
-    check_output_dir(args.output, args.overwrite, inputs=inputs)
+    work = WorkDir(args.output)
+    main = distributed.env_rank() == 0
+    if main:
+        clean_finished(work)                          # a run that finished but was killed before tidying up
+        check_output_dir(args.output, args.overwrite, inputs=inputs)
+    journal = check_resumable(work, args.resume) if main and not args.in_memory else None
     max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
     resolve_model_path(args.model, args.revision)      # a mistyped MODEL is reported before the data
     needs_calib = recipe.needs_calibration()
@@ -186,6 +224,9 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     torch_dtype(args.dtype, "--dtype")
     device = resolve_device(args.device, "--device")
+    device = distributed.init_from_env(device)         # torchrun: join the process group, one device per rank
+    if not distributed.is_main():
+        args.quiet = True
     t0 = time.perf_counter()
     config = load_config(args.model, args.trust_remote_code, args.revision)
     spec_for(config)                                   # unsupported family: fail before loading weights
@@ -196,6 +237,10 @@ def run(args: argparse.Namespace) -> int:
             from llmprune.kernels import check_sparse24_possible
 
             check_sparse24_possible(meta_model, recipe)
+    problem = "--in-memory" if args.in_memory else _stream_problem(meta_model, recipe, args)
+    if problem is not None and streaming_flags:
+        raise UserError(f"{streaming_flags[0]} needs the run to stream decoder layers from disk, and this one cannot: "
+                        f"{problem}")
     del meta_model
     if needs_text:
         check_source(recipe.calibration.data)              # c4 / wikitext2 with the Hub unreachable: say so now
@@ -215,16 +260,30 @@ def run(args: argparse.Namespace) -> int:
     if (args.dtype == "auto" and device == "cpu" and not cpu_has_fast_bf16()
             and getattr(config, "dtype", None) in (torch.bfloat16, torch.float16)):
         work_dtype, save_dtype = "float32", config.dtype
-    model = load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
-    teacher = None
-    if any(s.params.get("mode") == "distill" for s in heal_stages):
-        # A distilling heal stage's teacher: MODEL read again when the stage runs (no copy held before).
-        def teacher():
-            return load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
-    model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet,
-                             teacher=teacher)
+    store = None
+    if problem is None:
+        model, store = _streamed_model(args, config, recipe, calib, device, work_dtype, save_dtype, max_memory,
+                                       max_shard_size, work, journal)
+        try:
+            model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet,
+                                     layers=store)
+        except KeyboardInterrupt as exc:
+            exc.llmprune_hint = (f"the finished layers are kept in {work.path}; rerun the same command with --resume "
+                                 "to continue")
+            raise
+    else:
+        model = load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
+        teacher = None
+        if any(s.params.get("mode") == "distill" for s in heal_stages):
+            # A distilling heal stage's teacher: MODEL read again when the stage runs (no copy held before).
+            def teacher():
+                return load_model(args.model, work_dtype, args.trust_remote_code, args.revision)
+        model, report = compress(model, tokenizer, recipe, calib=calib, device=device, progress=not args.quiet,
+                                 teacher=teacher)
     if save_dtype is not None:
         model.to(save_dtype)
+    if not distributed.is_main():
+        return 0
 
     base = base_model_entry(args.model, revision=model_revision(model) or args.revision,
                             model_type=model.config.model_type, hub_id=args.base_model)
@@ -232,12 +291,20 @@ def run(args: argparse.Namespace) -> int:
                                save_format=args.save_format)
     with output_dir(args.output, args.overwrite, inputs=inputs,
                     expected_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values())) as tmp:
-        packed = write_checkpoint(model, tokenizer, tmp, args.save_format, max_shard_size)
-        if packed is not None:
-            sidecar["pack"] = packed
+        if store is not None:                          # the shards were written layer by layer
+            store.commit(tmp)
+            from llmprune.io.checkpoint import save_model_files
+
+            save_model_files(model, tokenizer, tmp)
+        else:
+            packed = write_checkpoint(model, tokenizer, tmp, args.save_format, max_shard_size)
+            if packed is not None:
+                sidecar["pack"] = packed
         (tmp / "recipe.yaml").write_text(report.recipe.to_yaml())   # as run: defaults resolved
         sidecar["wall_time_s"] = round(time.perf_counter() - t0, 3)
         write_sidecar(tmp, sidecar)
+    if store is not None:
+        work.remove()                                  # the output is in place: the journal has done its job
     print(report.summary_table())
     print(f"wrote {args.output}")
     if args.push_to_hub:
@@ -249,6 +316,113 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{exc} (the model is saved in {args.output}; push it later with "
                             f"`llmprune push {args.output} {args.push_to_hub}`)") from None
     return 0
+
+
+def _stream_problem(meta_model, recipe, args) -> str | None:
+    """Why this run cannot stream its layers from disk (None: it can, which is the default)."""
+    from llmprune.io.load import is_local_model, resolve_model_path
+
+    path = resolve_model_path(args.model, args.revision)
+    if is_local_model(args.model) and not any(Path(path).glob("*.safetensors")):
+        return f"{args.model} has no safetensors weights"
+    from llmprune.io.streamed import streamed_problem
+
+    meta_model.tie_weights()                         # names and order as the loaded model saves them
+    return streamed_problem(meta_model, recipe, args.save_format)
+
+
+def _streamed_model(args, config, recipe, calib, device, work_dtype, save_dtype, max_memory, max_shard_size, work,
+                    journal):
+    """The skeleton model and its streamed layer store; a resumed run checks its fingerprint first."""
+    import hashlib
+    import sys
+
+    import torch
+
+    from llmprune import __version__, distributed
+    from llmprune.errors import UserError
+    from llmprune.io.checkpoint import CheckpointReader
+    from llmprune.io.streamed import StreamedLayers, StreamPlan, build_skeleton
+    from llmprune.io.workdir import describe_progress, fingerprint_difference
+
+    source = _local_weights(args.model, args.revision)
+    from llmprune.io.load import check_local_weights
+
+    check_local_weights(str(source), config, args.trust_remote_code)   # a damaged shard, a wrong shape: one line
+    reader = CheckpointReader(source)
+    if work_dtype == "auto":
+        dtype = getattr(config, "dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if dtype is None:
+            from llmprune.io.checkpoint import torch_dtype as code_dtype
+
+            floats = [code_dtype(i.dtype) for i in reader.tensors.values() if i.dtype in ("F32", "F16", "BF16", "F64")]
+            dtype = floats[0] if floats else torch.float32
+    else:
+        dtype = getattr(torch, work_dtype)
+    weights = hashlib.sha256(repr(sorted((i.name, i.shape, i.dtype) for i in reader.tensors.values())).encode()
+                             + repr(sorted(p.stat().st_size for p in reader.shards)).encode()).hexdigest()
+    ids = calib.ids.contiguous() if calib is not None else None
+    fingerprint = {
+        "recipe": recipe.to_dict(),
+        "model": {"name": args.model, "revision": getattr(config, "_commit_hash", None) or args.revision,
+                  "weights": weights},
+        "calibration": None if ids is None else {"spec": {k: v for k, v in calib.spec.items() if k != "note"},
+                                                 "ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()},
+        "version": __version__,
+        "dtype": {"work": str(dtype), "save": str(save_dtype)},
+        "device": torch.device(device).type,
+        "max_shard_size": max_shard_size,
+        "save_format": args.save_format,
+    }
+    if distributed.env_world_size() > 1:               # the other ranks read what rank 0 decided
+        journal = _shared_journal(work, journal)
+    if journal is not None:
+        differs = fingerprint_difference(journal["fingerprint"], fingerprint)
+        if differs:
+            raise UserError(f"cannot resume from {work.path}: the interrupted run used another {', '.join(differs)}; "
+                            f"rerun it with the same settings, or remove that folder to start over")
+        if distributed.is_main():
+            print(f"llmprune: resuming {args.output} from {work.path} ({describe_progress(journal)})", file=sys.stderr)
+    if distributed.is_main():
+        work.lock()
+    model = build_skeleton(config, dtype, str(source), args.trust_remote_code, args.revision)
+    samples = calib.ids.numel() if calib is not None else 0
+    hidden = model.get_input_embeddings().weight.shape[1]
+    plan = StreamPlan(source=source, work=work, n_stages=len(recipe.stages), fingerprint=fingerprint,
+                      save_dtype=save_dtype, max_shard_size=max_shard_size, budget=max_memory,
+                      activation_bytes=samples * hidden * torch.empty((), dtype=dtype).element_size(), journal=journal)
+    return model, StreamedLayers(model, plan)
+
+
+def _shared_journal(work, journal):
+    """Under torchrun: rank 0 checked the work folder; every other rank reads the same journal."""
+    from llmprune import distributed
+
+    distributed.barrier()
+    if distributed.is_main():
+        return journal
+    data = work.read_journal() if work.exists() else None
+    return data
+
+
+def _local_weights(name: str, revision: str | None):
+    """A local folder with the model's safetensors (a Hub id: its snapshot, downloaded or cached)."""
+    from pathlib import Path
+
+    from llmprune.io.load import _hub_error, resolve_model_path
+
+    path = resolve_model_path(name, revision)
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, revision=revision,
+                                      allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"]))
+    except Exception as exc:  # network / cache / not-found errors come in many types
+        raise _hub_error(name, exc) from None
 
 
 def write_checkpoint(model, tokenizer, directory, save_format: str, max_shard_size: str | int = "5GB") -> dict | None:

@@ -524,10 +524,16 @@ class ShardWriter:
         data, shard = writer._data_tmp(k), writer._shard_tmp(k)
         if not data.is_file() and shard.is_file():
             # the open shard was completed after the journal: recover its first `offset` data bytes
-            (n,) = struct.unpack("<Q", shard.read_bytes()[:8])
             with open(shard, "rb") as src, open(data, "wb") as dst:
+                (n,) = struct.unpack("<Q", src.read(8))
                 src.seek(8 + n)
-                dst.write(src.read(writer._offset))
+                left = writer._offset
+                while left:                   # in chunks: a shard can be larger than memory
+                    chunk = src.read(min(left, 16 << 20))
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+                    left -= len(chunk)
         if writer._offset or writer._entries:
             if not data.is_file() or data.stat().st_size < writer._offset:
                 raise UserError(f"cannot resume: {data} is missing or shorter than journalled; start the run again")

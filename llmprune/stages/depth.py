@@ -11,8 +11,9 @@ whose last entry is after the final norm):
 - `ppl` (SLEB-style greedy, Song et al. 2024): remove the layer whose removal raises the calibration
   loss least, re-score, repeat. The `bi` selection is scored too and kept if it is better, so `ppl`
   is never worse than `bi` on calibration loss.
-Layer 0 is kept unless `keep_first: false`. The edit renumbers `layer_idx`, sets the layer count
-and re-indexes every per-layer config field (`edits.drop_layers`).
+Layer 0 is kept unless `keep_first: false`. The kept layers go into `ctx.edits`; the edit hooks give
+each layer its new index (`_edit_layer`) and then renumber `layer_idx`, set the layer count and
+re-index every per-layer config field (`_edit_model`: `edits.drop_layers`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from llmprune.arch import decoder_layers, get_module, spec_for
 from llmprune.calibration.engine import CapturedInputs, capture_layer_inputs, free_memory_bytes, run_layer
+from llmprune.calibration.streaming import layer_store
 from llmprune.edits import check_can_drop_layers, drop_layers
 from llmprune.errors import UserError
 from llmprune.params import Range
@@ -57,8 +59,18 @@ def _check_model(model: nn.Module, params: dict, where: str) -> None:
     layers_to_drop(len(decoder_layers(model)), params, where)
 
 
-@stage_kind("layer-drop", validate=_validate, check_model=_check_model,
-            summary="remove whole decoder layers: a shallower plain checkpoint")
+def _edit_layer(ctx: StageContext, index: int, layer: nn.Module) -> int | None:
+    """The layer's index once the dropped ones are gone (None: it is dropped)."""
+    keep = ctx.edits["keep"]
+    return keep.index(index) if index in keep else None
+
+
+def _edit_model(ctx: StageContext) -> None:
+    drop_layers(ctx.model, ctx.edits["keep"], ctx.masks)
+
+
+@stage_kind("layer-drop", validate=_validate, check_model=_check_model, edit_layer=_edit_layer,
+            edit_model=_edit_model, streams=True, summary="remove whole decoder layers: a shallower plain checkpoint")
 def layer_drop(ctx: StageContext, *,
                num_layers: Annotated[int, Range(1)] | None = None,
                layer_fraction: Annotated[float, Range(0, 1, low_open=True, high_open=True)] | None = None,
@@ -70,7 +82,7 @@ def layer_drop(ctx: StageContext, *,
     n = layers_to_drop(n_layers, {"num_layers": num_layers, "layer_fraction": layer_fraction,
                                   "keep_first": keep_first}, ctx.where)
     candidates = [i for i in range(n_layers) if i or not keep_first]
-    record = StageRecord(target={"layers": n})
+    record = ctx.new_record(target={"layers": n})
     captured = capture_layer_inputs(model, ctx.calib_ids(), ctx.calibration.batch_size)
     runner = _Runner(model, captured, ctx.device, ctx.calib_ids(), ctx.progress)
     if criterion == "angular":
@@ -95,8 +107,7 @@ def layer_drop(ctx: StageContext, *,
                 record.notes.append(f"{ctx.where}: the bi selection has lower calibration loss than the greedy "
                                     f"one ({loss_bi:.4f} < {losses[-1]:.4f}); used it")
             record.scores["loss_chosen"] = round(min(loss_bi, losses[-1]), 6)
-    keep = [i for i in range(n_layers) if i not in drop]
-    drop_layers(model, keep, ctx.masks)
+    ctx.edits["keep"] = [i for i in range(n_layers) if i not in drop]   # the edit hooks drop the others
     record.removed = {"layers": drop}
     record.achieved = {"layers": len(drop)}
     return record
@@ -112,11 +123,10 @@ class _Runner:
 
     @torch.no_grad()
     def _layer(self, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        layer = self.layers[i]
-        home = next(layer.parameters()).device
-        layer.to(self.device)
+        store = layer_store(self.model)             # in memory, or read from disk for this pass
+        layer = store.open(i, self.device)
         out = [run_layer(layer, h, self.calls[i][b], self.device).to(h.device) for b, h in enumerate(hidden)]
-        layer.to(home)
+        store.close(i, layer, done=False)
         return out
 
     @torch.no_grad()

@@ -18,12 +18,13 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmprune import distributed
 from llmprune.allocation import global_magnitude_sparsities, owl_layer_sparsities_for_model
 from llmprune.allocation_search import AllocationSearch, LevelGrid, search_units
 from llmprune.arch import (Matrix, TargetSelector, decoder_layers, get_module, head_targets, layer_matrices,
@@ -98,6 +99,9 @@ def _validate(params: dict, where: str) -> dict:
     if params.get("true_sequential") is not None and not (method.needs or needs_for(refine, refit) or permute):
         raise UserError(f"{where}: 'true_sequential' is a calibration schedule; method {method.name} "
                         f"uses no calibration data")
+    if (permute or allocation == "search") and distributed.env_world_size() > 1:
+        raise UserError(f"{where}: {'permute' if permute else 'allocation search'} runs in one process; "
+                        f"run without torchrun")
     if permute and not pattern.is_nm:
         raise UserError(f"{where}: 'permute' reorders input channels before N:M selection; it needs an N:M "
                         f"sparsity like 2:4, not {pattern}")
@@ -159,7 +163,7 @@ def _check_model(model: nn.Module, params: dict, where: str) -> None:
 
 
 @stage_kind("prune", methods=(), needs_calibration=_needs_calibration, validate=_validate, check_model=_check_model,
-            summary="zeros in the same matrices: unstructured or N:M, by a pruning method")
+            streams=True, splits_batches=True, summary="zeros in the same matrices: unstructured or N:M, by a pruning method")
 def prune(ctx: StageContext, *, method: str, sparsity: str | float,
           allocation: Literal["uniform", "owl", "global", "search"] = "uniform",
           owl_m: Annotated[float, Range(0, low_open=True)] = 5.0,
@@ -183,7 +187,7 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
     layers_path = spec_for(model).layers
     params = {"method": method, "sparsity": sparsity, "targets": targets, "ignore": ignore, "allocation": allocation}
     linears, heads = _check_targets(model, params, where)
-    record = StageRecord(target=pattern_target(pattern))
+    record = ctx.new_record(target=pattern_target(pattern))
     calib_ids = ctx.calib_ids() if (plan.needs or allocation in ("owl", "search")) else None
     batch_size = ctx.calibration.batch_size
     if plan.needs:
@@ -223,8 +227,9 @@ def prune(ctx: StageContext, *, method: str, sparsity: str | float,
         stats = None
         if plan.needs and not isinstance(module, nn.Embedding):
             stats = _head_stats(model, module, captured, plan.needs)
-        record.modules[name], _ = _prune_module(module, stats, module_pattern.get(name, pattern), plan, ctx.device,
-                                                ctx.masks)
+        _prune_module(module, stats, module_pattern.get(name, pattern), plan, ctx.device, ctx.masks,
+                      lambda result, name=name: record.modules.__setitem__(name, result))
+    distributed.flush()
     if loop.unseen_experts:
         unseen = loop.unseen_experts
         record.notes.append(f"{where}: {len(unseen)} expert matrices received no calibration token and were "
@@ -250,7 +255,7 @@ class LayerLoop:
 
     def run(self, module_pattern: dict[str, Pattern], masks: MaskState, results: dict[str, ModuleResult],
             collector: AllocationSearch | None = None, captured: CapturedInputs | None = None,
-            desc: str | None = None) -> CapturedInputs | None:
+            desc: str | None = None, final: bool = True) -> CapturedInputs | None:
         """Prune every targeted linear at `module_pattern[name]`, recording keep-masks in `masks` and results
         in `results`. With a `collector`, each pruned linear is also handed to `collector.collect` (with its
         dense weight), and each layer's dense weights are restored once its outputs are propagated.
@@ -274,8 +279,8 @@ class LayerLoop:
                 self.unseen_experts.append(name)
             dense = weight_2d(module).detach().clone() if collector is not None else None
             coupling = self.couplings.get(name[len(layer_name) + 1:])
-            results[name], permutation = _prune_module(module, stats, module_pattern[name], how, ctx.device, masks,
-                                                       coupling)
+            permutation = _prune_module(module, stats, module_pattern[name], how, ctx.device, masks,
+                                        lambda result: results.__setitem__(name, result), coupling)
             if coupling is not None:
                 self.permuted[name] = permutation is not None
             if permutation is not None:
@@ -294,6 +299,7 @@ class LayerLoop:
             if not needs:
                 for name, matrix in layer_targets.items():
                     prune_one(name, matrix, None, step.name, pending)
+                distributed.flush()
                 return
             # A calibration point is a linear, or a fused experts module for all its expert slices.
             obs = LayerMatrixObserver(layer_targets, needs, self.true_sequential, moe)
@@ -312,6 +318,7 @@ class LayerLoop:
                 obs.seal_all()
                 for point in list(obs.linears):
                     prune_point(point, obs.stats.pop(point, None))
+            distributed.flush()                   # under torchrun: the matrices above ran on different ranks
             for permutation in pending:           # function-preserving: the layer's outputs are unchanged
                 apply_permutation(step.layer, permutation, masks)
 
@@ -320,11 +327,9 @@ class LayerLoop:
             if needs or collector is not None or captured is not None:
                 if captured is None:
                     captured = capture_layer_inputs(model, self.calib_ids, ctx.calibration.batch_size)
-                layerwise(model, captured, ctx.device, layers_path, prune_layer, bar)
+                layerwise(model, captured, ctx.device, layers_path, prune_layer, bar, final=final)
             else:   # data-free: no forward passes at all
-                for i, layer in enumerate(decoder_layers(model)):
-                    prune_layer(LayerStep(index=i, name=f"{layers_path}.{i}", layer=layer))
-                    bar.update(1)
+                layerwise(model, None, ctx.device, layers_path, prune_layer, bar, final=final)
         if collector is not None:
             collector.restore_collected()
         return captured
@@ -356,7 +361,7 @@ def prune_with_search(loop: LayerLoop, pattern: Pattern, record: StageRecord, *,
     uniform_masks = MaskState(masks=dict(ctx.masks.masks), targets=dict(ctx.masks.targets))
     uniform_modules: dict[str, ModuleResult] = {}
     loop.run({n: pattern for n in loop.linears}, uniform_masks, uniform_modules, collector=search, captured=captured,
-             desc=f"{loop.desc}: uniform + levels")
+             desc=f"{loop.desc}: uniform + levels", final=False)
     uniform_loss = head_loss(model, id_batches, captured.hidden)
     t_pass_a = time.perf_counter() - t0
 
@@ -417,22 +422,35 @@ def prune_with_search(loop: LayerLoop, pattern: Pattern, record: StageRecord, *,
 
 
 def _prune_module(module: nn.Module, stats: LinearStats | None, pattern: Pattern, plan: MatrixPlan, device: str,
-                  masks: MaskState, coupling: Coupling | None = None
-                  ) -> tuple[ModuleResult, ChannelPermutation | None]:
-    """Run the plan on a float32 working copy on the compute device; write weight ⊙ keep_mask back.
-    With a coupling (permute), the consumer is pruned in the better of its own and a permuted column
-    order; the permutation, if it won, is returned for the caller to apply once the layer is done."""
-    t0 = time.perf_counter()
-    weight = weight_2d(module).to(device=device, dtype=torch.float32).clone()   # [out, in]
-    permutation = None
+                  masks: MaskState, done: Callable[[ModuleResult], None],
+                  coupling: Coupling | None = None) -> ChannelPermutation | None:
+    """Run the plan on a float32 working copy on the compute device; write weight ⊙ keep_mask back and hand
+    the result to `done`. Under torchrun the plan runs on the matrix's rank and every rank applies the
+    result at the next `distributed.flush()` (at once in a single process).
+    With a coupling (permute; one process only, checked before work), the consumer is pruned in the better
+    of its own and a permuted column order; the permutation, if it won, is returned for the caller to
+    apply once the layer is done."""
+    target = pattern_target(pattern)
+
+    def apply(pruned: torch.Tensor, keep_mask: torch.Tensor, seconds: float) -> None:
+        masks.apply(module, pruned, keep_mask, target)
+        done(ModuleResult(shape=tuple(pruned.shape), target=target, achieved=sparsity_of(weight_2d(module)),
+                          seconds=seconds))
+
     if coupling is not None:
+        t0 = time.perf_counter()
+        weight = weight_2d(module).to(device=device, dtype=torch.float32).clone()   # [out, in]
         pruned, keep_mask, permutation = prune_permuted(weight, stats, pattern, coupling,
                                                         lambda w, s: plan.prune(w, s, pattern))
-    else:
-        pruned, keep_mask = plan.prune(weight, stats, pattern)
-    masks.apply(module, pruned, keep_mask, pattern_target(pattern))
-    return ModuleResult(shape=tuple(weight.shape), target=pattern_target(pattern),
-                        achieved=sparsity_of(weight_2d(module)), seconds=time.perf_counter() - t0), permutation
+        apply(pruned, keep_mask, time.perf_counter() - t0)
+        return permutation
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        weight = weight_2d(module).to(device=device, dtype=torch.float32).clone()   # [out, in]
+        return plan.prune(weight, stats, pattern)
+
+    distributed.submit(compute, apply)
+    return None
 
 
 @torch.no_grad()
@@ -444,9 +462,9 @@ def _head_stats(model, head: nn.Module, captured, needs) -> LinearStats:
     obs = LayerObserver({"head": head}, needs)
     with obs.hooked():
         for b, hidden in enumerate(captured.hidden):
-            obs.start_batch(b)
+            obs.start_batch(captured.batch_ids[b])
             x = norm(hidden.to(norm_device))
             head(x.to(head_device))
-            obs.end_batch(b)
+            obs.end_batch(captured.batch_ids[b])
     obs.seal_all()
     return obs.stats["head"]

@@ -23,7 +23,9 @@ Per decoder layer, in order attention -> MLP, calibrated true-sequentially when 
    layer's output matches the dense one as closely as the kept channels allow; where the output
    linear has a bias, the constant channel is part of the fit (FLAP-style mean compensation);
 4. make the layer compute as if the units were gone (`edits.mask_units`), and propagate.
-After the last layer the units are sliced out for real and the config rewritten (`edits`).
+The kept units of every layer go into `ctx.edits`; the edit hooks slice them out for real
+(`_edit_layer`: once the stage is done with a layer) and rewrite the config (`_edit_model`: after
+the last layer).
 """
 from __future__ import annotations
 
@@ -103,7 +105,22 @@ def _check_model(model: nn.Module, params: dict, where: str) -> None:
     _plan(model.config, params, where)
 
 
+def _edit_layer(ctx: StageContext, index: int, layer: nn.Module) -> int:
+    """Slice the units this stage removed out of one layer (config and attributes: `_edit_model`)."""
+    fam, dims = spec_for(ctx.model), dims_of(ctx.model)
+    for group, keep in ctx.edits["keep"][str(index)].items():
+        slice_units(layer, fam, dims, group, torch.tensor(keep, dtype=torch.long), ctx.masks)
+    return index
+
+
+def _edit_model(ctx: StageContext) -> None:
+    """Config fields and module attributes, once every layer kept the same number of units."""
+    for group, kept in ctx.edits["plan"].items():
+        rewrite_group_config(ctx.model, group, kept)
+
+
 @stage_kind("width", needs_calibration=_needs_calibration, validate=_validate, check_model=_check_model,
+            edit_layer=_edit_layer, edit_model=_edit_model, streams=True, splits_batches=True,
             summary="remove MLP neurons / attention heads: a narrower plain checkpoint")
 def width(ctx: StageContext, *,
           mlp_keep: Annotated[float, Range(0, 1, low_open=True, high_open=True)] | None = None,
@@ -117,7 +134,7 @@ def width(ctx: StageContext, *,
     model = ctx.model
     fam, dims = spec_for(model), dims_of(model)
     plan = _plan(model.config, {"mlp_keep": mlp_keep, "heads_keep": heads_keep, "round_to": round_to}, ctx.where)
-    record = StageRecord(target={k: v for k, v in (("mlp_keep", mlp_keep), ("heads_keep", heads_keep)) if v})
+    record = ctx.new_record(target={k: v for k, v in (("mlp_keep", mlp_keep), ("heads_keep", heads_keep)) if v})
     needs = set()
     if criterion == "activation":
         needs |= {"input_sq_norm"}
@@ -125,8 +142,9 @@ def width(ctx: StageContext, *,
         needs |= {"hessian"}
     if reconstruct:
         needs |= {"hessian", "input_sum"}
-    keep_of: dict[int, dict[str, torch.Tensor]] = {}
-    scores_of: dict[str, list[list[float]]] = {group: [] for group in plan}
+    ctx.edits["plan"] = dict(plan)
+    keep_of: dict[str, dict[str, list[int]]] = ctx.edits.setdefault("keep", {})   # layer -> group -> kept units
+    scores_of: dict[str, list[list[float]]] = {group: record.scores.setdefault(group, []) for group in plan}
 
     def prune_group(step: LayerStep, group: str, stats: LinearStats | None) -> None:
         output = step.layer.get_submodule(fam.group(group).output)
@@ -138,7 +156,7 @@ def width(ctx: StageContext, *,
         if reconstruct:
             refit_output(output, fam, dims, group, keep, stats, ctx.masks.get(output))
         mask_units(step.layer, fam, dims, group, keep)
-        keep_of.setdefault(step.index, {})[group] = keep
+        keep_of.setdefault(str(step.index), {})[group] = keep.tolist()
         scores_of[group].append([round(float(s), 6) for s in scores])
 
     def step_fn(step: LayerStep) -> None:
@@ -175,17 +193,11 @@ def width(ctx: StageContext, *,
             captured = capture_layer_inputs(model, calib_ids, ctx.calibration.batch_size)
             layerwise(model, captured, ctx.device, layers_path, step_fn, bar)
         else:                                # data-free criteria without reconstruction
-            for i, layer in enumerate(decoder_layers(model)):
-                step_fn(LayerStep(index=i, name=f"{layers_path}.{i}", layer=layer))
-                bar.update(1)
+            layerwise(model, None, ctx.device, layers_path, step_fn, bar)
 
-    # Edit: slice every layer, then rewrite the config once (all layers keep the same count).
-    for i, layer in enumerate(decoder_layers(model)):
-        for group, keep in keep_of[i].items():
-            slice_units(layer, fam, dims, group, keep, ctx.masks)
+    # The edit hooks slice every layer and rewrite the config (all layers keep the same count).
     names = {"attention": "kv_groups" if dims.kv_heads != dims.heads else "heads", "mlp": "mlp_neurons"}
     for group, kept in plan.items():
-        rewrite_group_config(model, group, kept)
         record.removed[names[group]] = {"before": group_units(dims, group), "after": kept}
     record.achieved = {k: plan[g] / group_units(dims, g) for k, g in (("mlp_keep", "mlp"), ("heads_keep", "attention"))
                        if g in plan}
