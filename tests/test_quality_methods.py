@@ -297,7 +297,7 @@ def test_observer_accumulates_input_sums_only_when_needed():
         obs.start_batch(b)
         obs.observe("lin", x)
         obs.end_batch(b)
-    obs.seal_all()                     # per-batch statistics are summed (in a fixed order) when sealed
+    obs.seal_all()                      # batch sums are totalled (in a fixed order) when sealed
     stats = obs.stats["lin"]
     flat = torch.cat([x1.reshape(-1, 6), x2])
     assert stats.n_tokens == 14
@@ -305,7 +305,10 @@ def test_observer_accumulates_input_sums_only_when_needed():
     assert torch.allclose(stats.input_sq_norm, (flat * flat).sum(0), atol=1e-5)
     plain = LayerObserver({"lin": lin}, {"input_sq_norm"})
     plain.start_batch(0)
-    assert plain.observe("lin", x2).input_sum is None
+    plain.observe("lin", x2)
+    plain.end_batch(0)
+    plain.seal_all()
+    assert plain.stats["lin"].input_sum is None and plain.stats["lin"].input_sq_norm is not None
 
 
 def test_alps_through_the_engine_prunes_every_matrix_exactly():
