@@ -20,19 +20,21 @@ import sys
 import time
 
 
-def build_modifier(method: str, pattern: str):
+def build_modifier(method: str, pattern: str, owl: bool = False):
     sparsity = 0.5 if ":" in pattern else float(pattern)
     mask_structure = pattern if ":" in pattern else "0:0"
+    # --owl: llm-compressor's own OWL profile with the OWL paper's M=5, λ=0.08 (llmprune's defaults).
+    owl_args = {"sparsity_profile": "owl", "owl_m": 5, "owl_lmbda": 0.08} if owl else {}
     if method == "wanda":
         from llmcompressor.modifiers.pruning import WandaPruningModifier
 
         return WandaPruningModifier(sparsity=sparsity, mask_structure=mask_structure, targets=["Linear"],
-                                    ignore=["re:.*lm_head"])
+                                    ignore=["re:.*lm_head"], **owl_args)
     if method == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
         return SparseGPTModifier(sparsity=sparsity, mask_structure=mask_structure, targets=["Linear"],
-                                 ignore=["re:.*lm_head"])
+                                 ignore=["re:.*lm_head"], **owl_args)
     if method == "magnitude":
         from llmcompressor.modifiers.pruning import MagnitudePruningModifier
 
@@ -60,6 +62,7 @@ def main() -> int:
     parser.add_argument("--method", required=True, choices=["wanda", "sparsegpt", "magnitude"])
     parser.add_argument("--pattern", required=True, help="0.5 (unstructured) or N:M")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--owl", action="store_true", help="sparsegpt/wanda with sparsity_profile owl (M=5, λ=0.08)")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -75,7 +78,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     t_load = time.perf_counter()
     try:
-        modifier = build_modifier(args.method, args.pattern)
+        modifier = build_modifier(args.method, args.pattern, args.owl)
         oneshot(model=model, tokenizer=tokenizer, recipe=modifier, dataset=dataset, num_calibration_samples=n,
                 max_seq_length=seqlen, shuffle_calibration_samples=False, output_dir=args.output)
     except Exception as exc:  # report llm-compressor's refusal as data, not as a crash of the benchmark

@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Callable, Sequence
 
+import torch
+
+from llmprune.arch import weight_2d
 from llmprune.errors import UserError
+from llmprune.masks import Pattern
 
 MAX_DP_STATES = 2_000_000
 
@@ -208,3 +213,182 @@ def evolutionary_search(loss: Callable[[list[int]], float], grid: LevelGrid, wei
             break
     return SearchResult(offsets=list(parent), loss=parent_loss, uniform_loss=uniform_loss,
                         evaluations=len(cache), history=history)
+
+
+# ---- `allocation: search` in a prune stage ------------------------------------------------------------
+#
+# 1. pass A: the stage's per-layer loop at the uniform target (calibrated on the uniform-pruned model's
+#    activations, as any run), where every targeted linear is also pruned at each other level of the grid
+#    from the same statistics: a database of variants (`AllocationSearch.collect`). The uniform model's
+#    calibration loss is the baseline. Each layer goes back to its dense weights once its outputs are
+#    propagated, so the model is dense again after the pass.
+# 2. curves: on a subset of the calibration windows, from the uniform model, the calibration loss when one
+#    unit alone moves to each other level, measured through all the remaining (pruned) layers and the head;
+# 3. `allocate_from_curves` (exact DP, mean exactly the target), then `evolutionary_search` on the composed
+#    models' subset loss, started from the better of uniform and the DP answer;
+# 4. pass B (by the caller): the stage's loop at the chosen levels; the final model's calibration loss on
+#    all windows is compared with pass A's and the uniform model is installed from the database when the
+#    search's is not lower.
+
+
+@dataclass(frozen=True)
+class SearchUnit:
+    """What gets one sparsity level: a decoder layer's targeted linears, or one linear."""
+    name: str                       # "model.layers.3" or "model.layers.3.mlp.down_proj"
+    layer: int                      # decoder layer index
+    linears: tuple[str, ...]        # full module names
+    parameters: int
+
+
+def search_units(linear_sizes: dict[str, int], layers_path: str, granularity: str) -> list[SearchUnit]:
+    """Units in layer order: one per decoder layer (`layer`) or one per targeted linear (`module`)."""
+    by_layer: dict[int, list[str]] = {}
+    for name in linear_sizes:
+        by_layer.setdefault(int(name[len(layers_path) + 1:].split(".", 1)[0]), []).append(name)
+    units: list[SearchUnit] = []
+    for index in sorted(by_layer):
+        names = by_layer[index]
+        if granularity == "layer":
+            units.append(SearchUnit(f"{layers_path}.{index}", index, tuple(names),
+                                    sum(linear_sizes[n] for n in names)))
+        else:
+            units += [SearchUnit(n, index, (n,), linear_sizes[n]) for n in names]
+    return units
+
+
+@dataclass
+class SearchOutcome:
+    offsets: list[int]                  # chosen, per unit (all 0: uniform)
+    curve_offsets: list[int]            # the DP answer on the measured curves
+    uniform_loss: float                 # calibration loss on the scoring subset (nats/token)
+    curve_loss: float
+    loss: float
+    evaluations: int
+    seconds: float
+
+
+class AllocationSearch:
+    """The database of pruned variants of every targeted linear at every level, and the measurements on it.
+
+    Memory: per targeted linear, its dense weight and one pruned copy per level (in the model's dtype) plus
+    a bool keep-mask per level, on `offload` (CPU) for the whole stage: about (2·max_offset + 2) copies of
+    the targeted weights.
+    """
+
+    def __init__(self, model, linears: dict, units: list[SearchUnit], grid: LevelGrid, earlier_masks,
+                 prune_at: Callable, offload: str = "cpu"):
+        self.model, self.linears, self.units, self.grid = model, linears, units, grid
+        self.levels = grid.offsets()
+        self.earlier_masks = earlier_masks          # MaskState of the stages before this one (read only)
+        self.prune_at = prune_at                    # (dense float32 [out, in], stats, Pattern) -> (pruned, keep)
+        self.offload = offload
+        self.dense: dict[str, torch.Tensor] = {}
+        self.variants: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._to_restore: list[str] = []
+
+    # -- pass A ---------------------------------------------------------------------------------------
+    def collect(self, name: str, module, stats, dense: torch.Tensor, keep: torch.Tensor) -> None:
+        """`module` was just pruned at the uniform level (keep: its keep-mask); prune the other levels too."""
+        stored = weight_2d(module)
+        self.dense[name] = dense.detach().to(self.offload, stored.dtype, copy=True)
+        self.variants[name] = {0: (stored.detach().to(self.offload, copy=True), keep.detach().to(self.offload, copy=True))}
+        earlier = self.earlier_masks.get(module)
+        for k in self.levels:
+            if k == 0:
+                continue
+            pruned, level_keep = self.prune_at(dense, stats, Pattern(sparsity=self.grid.level(k)))
+            level_keep = level_keep.to(torch.bool)
+            if earlier is not None:
+                level_keep = level_keep & earlier.to(level_keep.device)
+            self.variants[name][k] = ((pruned * level_keep).to(self.offload, stored.dtype), level_keep.to(self.offload))
+        self._to_restore.append(name)
+
+    def restore_collected(self) -> None:
+        """Dense weights back into the linears collected so far (after their layer's outputs were propagated)."""
+        for name in self._to_restore:
+            self._install(name, None)
+        self._to_restore = []
+
+    # -- composing models -----------------------------------------------------------------------------
+    def _install(self, name: str, offset: int | None) -> None:
+        weight = self.dense[name] if offset is None else self.variants[name][offset][0]
+        weight_2d(self.linears[name]).copy_(weight)
+
+    def install(self, offsets: Sequence[int | None]) -> None:
+        """Every unit's linears at its offset's variant (None: dense)."""
+        for unit, k in zip(self.units, offsets):
+            for name in unit.linears:
+                self._install(name, k)
+
+    def write_final(self, offsets: Sequence[int], masks) -> dict[str, float]:
+        """Install the variants of `offsets` as the stage's result: weights and keep-masks (which already hold
+        the earlier stages' masks). Returns {linear name: sparsity level}."""
+        levels = {}
+        for unit, k in zip(self.units, offsets):
+            for name in unit.linears:
+                module = self.linears[name]
+                self._install(name, k)
+                masks.masks[module] = self.variants[name][k][1].cpu()
+                masks.targets[module] = round(self.grid.level(k), 6)
+                levels[name] = self.grid.level(k)
+        return levels
+
+    # -- measuring --------------------------------------------------------------------------------------
+    def choose(self, hidden: list[torch.Tensor], calls: list, input_ids: list[torch.Tensor], device: str, *,
+               generations: int, seed: int = 0) -> SearchOutcome:
+        """Curves, DP and evolutionary search on the scoring subset (`hidden`: its layer-0 inputs per batch,
+        `calls`: per batch per layer, `input_ids`: per batch). Leaves the model dense."""
+        from llmprune.arch import decoder_layers
+        from llmprune.calibration.loss import forward_layers, head_loss
+
+        t0 = time.perf_counter()
+        n_layers = len(decoder_layers(self.model))
+        evaluations = 0
+
+        def loss_from(start: int, states: list[torch.Tensor], batches: int | None = None) -> float:
+            nonlocal evaluations
+            evaluations += 1
+            b = len(states) if batches is None else batches
+            outputs = forward_layers(self.model, states[:b], calls[:b], start, n_layers, device, self.offload)
+            return head_loss(self.model, input_ids[:b], outputs)
+
+        weights = [u.parameters for u in self.units]
+        uniform = [0] * len(self.units)
+        self.install(uniform)
+        base = loss_from(0, hidden)
+        curves = [[base if k == 0 else math.nan for k in self.levels] for _ in self.units]
+        states = hidden
+        last_layer = max(u.layer for u in self.units)
+        for layer in range(last_layer + 1):
+            for u, unit in enumerate(self.units):
+                if unit.layer != layer:
+                    continue
+                for j, k in enumerate(self.levels):
+                    if k != 0:
+                        self.install([k if v == u else 0 for v in range(len(self.units))])
+                        curves[u][j] = loss_from(layer, states)
+                self.install(uniform)
+            if layer < last_layer:
+                states = forward_layers(self.model, states, calls, layer, layer + 1, device, self.offload)
+        curve_offsets = allocate_from_curves(curves, self.grid, weights)
+
+        measured = {tuple(uniform): base}
+
+        def full(offsets: list[int]) -> float:
+            if tuple(offsets) not in measured:
+                self.install(offsets)
+                measured[tuple(offsets)] = loss_from(0, hidden)
+            return measured[tuple(offsets)]
+
+        def screen(offsets: list[int]) -> float:          # multi-step selection: the first batch only
+            self.install(offsets)
+            return loss_from(0, hidden, batches=1)
+
+        result = evolutionary_search(full, self.grid, weights, generations=generations, offspring=8, survivors=2,
+                                     max_switches=2, screen=screen if len(hidden) > 1 else None,
+                                     starts=[curve_offsets] if any(curve_offsets) else [], seed=seed, patience=3)
+        curve_loss = full(curve_offsets)
+        self.install([None] * len(self.units))
+        return SearchOutcome(offsets=result.offsets, curve_offsets=curve_offsets, uniform_loss=base,
+                             curve_loss=curve_loss, loss=result.loss, evaluations=evaluations,
+                             seconds=time.perf_counter() - t0)

@@ -335,3 +335,163 @@ def test_kth_smallest_is_exact(k):
     values = torch.randn(300_000, generator=torch.Generator().manual_seed(0)).abs()
     values[:5000] = 0.5                                                            # many ties
     assert kth_smallest(values, k) == torch.kthvalue(values, k).values
+
+
+# ---- stage options: refine, permute, allocation search, the quality recipes -------------------------
+
+def _calib(n=8, seqlen=32, seed=0):
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _compress(model, stage, ids=None):
+    return llmprune.compress(model, None, {"stages": [stage], "calibration": {"batch_size": 4}},
+                             calib=_calib() if ids is None else ids, device="cpu", progress=False)
+
+
+def _loss(model, ids) -> float:
+    with torch.no_grad():
+        return sum(float(model(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss) for i in range(len(ids))) / len(ids)
+
+
+@pytest.mark.parametrize("method,spec", [("sparsegpt", "0.6"), ("wanda", "0.7"), ("alps", "2:4"), ("sparsegpt", "2:4")])
+def test_refine_dsnot_in_the_stage_keeps_every_row_count_and_pattern(method, spec):
+    pattern = parse_pattern(spec)
+    extra = {"max_iter": 6} if method == "alps" else {}
+    plain, _ = _compress(tiny_model("llama"), {"method": method, "sparsity": spec, **extra})
+    refined, report = _compress(tiny_model("llama"), {"method": method, "sparsity": spec, "refine": "dsnot", **extra})
+    changed = 0
+    for (name, module), ref in zip(prunable_linears(refined).items(), prunable_linears(plain).values()):
+        w, w0 = weight_2d(module), weight_2d(ref)
+        # the method's own zeros per row (SparseGPT/ALPS prune row by row at N:M, per matrix otherwise)
+        assert (w == 0).sum().item() == (w0 == 0).sum().item(), name
+        if pattern.is_nm:
+            assert nm_violations(w, pattern.n, pattern.m) == 0, name
+            assert torch.equal((w == 0).sum(1), (w0 == 0).sum(1)), name
+        changed += not torch.equal(w == 0, w0 == 0)
+    assert changed > 0                                    # DSnoT did swap something
+    assert report.stages[0].params["refine"] == "dsnot"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "opt", "gpt_neox", "phi3"])
+def test_channel_permutation_of_the_couplings_leaves_the_dense_model_unchanged(arch):
+    from llmprune.arch import decoder_layers
+    from llmprune.edits import MaskState
+    from llmprune.stages.permutation import ChannelPermutation, apply_permutation, model_couplings
+
+    model = tiny_model(arch)
+    ids = _calib(2, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+    couplings = model_couplings(model, parse_pattern("2:4"))
+    assert couplings, arch                                    # the MLP coupling at least
+    gen = torch.Generator().manual_seed(1)
+    for layer in decoder_layers(model):
+        for coupling in couplings.values():
+            blocks, _, channels = coupling.columns.shape
+            local = torch.stack([torch.randperm(channels, generator=gen) for _ in range(blocks)])
+            apply_permutation(layer, ChannelPermutation(coupling, local), MaskState())
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-4), arch
+    moved = sum(not torch.equal(weight_2d(a), weight_2d(b)) for a, b in
+                zip(prunable_linears(model).values(), prunable_linears(tiny_model(arch)).values()))
+    assert moved > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_permute_in_the_stage_is_nm_in_stored_columns_and_moves_the_winners(arch):
+    from llmprune.arch import decoder_layers
+    ids = _calib()
+    plain, _ = _compress(tiny_model(arch), {"method": "sparsegpt", "sparsity": "2:4", "true_sequential": False}, ids)
+    permuted, report = _compress(tiny_model(arch), {"method": "sparsegpt", "sparsity": "2:4", "permute": True,
+                                                    "true_sequential": False}, ids)
+    for name, module in prunable_linears(permuted).items():
+        w = weight_2d(module)
+        assert nm_violations(w, 2, 4) == 0 and (w == 0).sum().item() == w.numel() // 2, name
+    won = report.stages[0].scores["permuted"]
+    assert won and any(won.values())
+    # the producers and consumers of a winning coupling moved: their weights differ from the plain run's
+    layer_p, layer_0 = decoder_layers(permuted)[0], decoder_layers(plain)[0]
+    consumers = [n for n, w in won.items() if w]
+    assert any(not torch.equal(weight_2d(layer_p.get_submodule(n.split(".", 3)[3])),
+                               weight_2d(layer_0.get_submodule(n.split(".", 3)[3]))) for n in consumers)
+
+
+def test_search_allocation_mean_is_the_target_and_its_loss_is_not_above_uniform():
+    ids = _calib(8, 32)
+    for method in ("wanda", "sparsegpt"):
+        uniform, _ = _compress(tiny_model("llama"), {"method": method, "sparsity": 0.7}, ids)
+        searched, report = _compress(tiny_model("llama"), {"method": method, "sparsity": 0.7, "allocation": "search"},
+                                     ids)
+        record = report.stages[0]
+        sizes = {n: weight_2d(m).numel() for n, m in prunable_linears(searched).items()}
+        zeros = sum((weight_2d(m) == 0).sum().item() for m in prunable_linears(searched).values())
+        assert abs(zeros / sum(sizes.values()) - 0.7) < 1e-3, method
+        assert set(record.layers) == {"model.layers.0", "model.layers.1"}
+        search = record.scores["search"]
+        assert search["kept"] in ("search", "uniform")
+        # independent check on the calibration windows: never worse than the uniform run
+        assert _loss(searched, ids) <= _loss(uniform, ids) + 1e-6, method
+        if search["kept"] == "search":
+            assert len(set(record.layers.values())) > 1
+            assert search["calibration_loss"]["searched"] < search["calibration_loss"]["uniform"]
+
+
+def test_search_keeps_uniform_when_the_chosen_levels_are_worse(monkeypatch):
+    from llmprune import allocation_search
+
+    def bad_choice(self, hidden, calls, input_ids, device, *, generations, seed=0):
+        # the first layer's unit at the lowest level, the last at the highest: a valid but bad assignment
+        offsets = [0] * len(self.units)
+        offsets[0], offsets[-1] = self.levels[-1], self.levels[0]
+        return allocation_search.SearchOutcome(offsets=offsets, curve_offsets=offsets, uniform_loss=1.0,
+                                               curve_loss=1.0, loss=0.5, evaluations=0, seconds=0.0)
+
+    ids = _calib(8, 32)
+    uniform, _ = _compress(tiny_model("llama"), {"method": "wanda", "sparsity": 0.7}, ids)
+    monkeypatch.setattr(allocation_search.AllocationSearch, "choose", bad_choice)
+    searched, report = _compress(tiny_model("llama"), {"method": "wanda", "sparsity": 0.7, "allocation": "search",
+                                                       "search_units": "module"}, ids)
+    search = report.stages[0].scores["search"]
+    if search["kept"] == "uniform":
+        for a, b in zip(prunable_linears(searched).values(), prunable_linears(uniform).values()):
+            assert torch.equal(weight_2d(a), weight_2d(b))
+    else:
+        assert search["calibration_loss"]["searched"] < search["calibration_loss"]["uniform"]
+
+
+@pytest.mark.parametrize("stage,match", [
+    ({"method": "wanda", "sparsity": "2:4", "allocation": "search"}, "unstructured"),
+    ({"method": "wanda", "sparsity": 0.5, "permute": True}, "N:M"),
+    ({"method": "wanda", "sparsity": 0.5, "search_step": 0.1}, "allocation: search"),
+    ({"method": "wanda", "sparsity": 0.5, "allocation": "search", "search_step": 0.5}, "search_step"),
+    ({"method": "wanda", "sparsity": 0.5, "refine": "swap"}, "refine"),
+])
+def test_stage_options_reject_bad_combinations(stage, match):
+    with pytest.raises(UserError, match=match):
+        _compress(tiny_model("llama"), stage)
+
+
+@pytest.mark.parametrize("name", ["quality-70", "quality-2of4"])
+def test_quality_recipes_load_and_run_on_a_tiny_model(name):
+    from llmprune.recipe import load_recipe
+    recipe = load_recipe(name)
+    stage = recipe.stages[-1]
+    pattern = parse_pattern(stage.params["sparsity"])
+    data = recipe.to_dict()
+    data["calibration"] = {"batch_size": 4}
+    model, report = llmprune.compress(tiny_model("llama"), None, data, calib=_calib(), device="cpu", progress=False)
+    zeros = sum((weight_2d(m) == 0).sum().item() for m in prunable_linears(model).values())
+    total = sum(weight_2d(m).numel() for m in prunable_linears(model).values())
+    assert abs(zeros / total - pattern.sparsity) < 1e-3
+    if pattern.is_nm:
+        for n, m in prunable_linears(model).items():
+            assert nm_violations(weight_2d(m), pattern.n, pattern.m) == 0, n
+
+
+@pytest.mark.parametrize("stage", [{"method": "wanda", "sparsity": 0.5, "allocation": "search"},
+                                   {"method": "wanda", "sparsity": "2:4", "permute": True}])
+def test_search_and_permute_refuse_moe_models_before_work(stage):
+    from tiny_models import MOE_CONFIGS
+    with pytest.raises(UserError, match="MoE"):
+        _compress(tiny_model(next(iter(MOE_CONFIGS))), stage)

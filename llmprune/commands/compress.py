@@ -15,16 +15,23 @@ def register(sub) -> None:
                        description="Compress MODEL (a Hub id, a local save_pretrained dir, or llmprune-tiny) "
                                    "layer by layer and write a loadable checkpoint to --output.")
     p.add_argument("model", help="Hub id, local directory, or the embedded 'llmprune-tiny'")
-    p.add_argument("--method", help="magnitude | wanda | sparsegpt (zeros), width | layer-drop | expert-drop "
+    p.add_argument("--method", help="magnitude | wanda | sparsegpt | alps (zeros), width | layer-drop | expert-drop "
                                     "(smaller model); or use --recipe")
     p.add_argument("--sparsity", help="fraction like 0.5 (unstructured) or N:M like 2:4 (N zeros per M inputs)")
     p.add_argument("--recipe", help="a named recipe (see `llmprune recipes`) or a YAML file")
-    p.add_argument("--allocation", choices=("uniform", "owl", "global"), default=None,
+    p.add_argument("--allocation", choices=("uniform", "owl", "global", "search"), default=None,
                    help="how sparsity is spread over layers: uniform (default), owl (outlier-weighted), "
-                        "global (magnitude only: one |W| ranking across matrices)")
+                        "global (magnitude only: one |W| ranking across matrices), search (per-layer levels "
+                        "chosen by measured calibration loss, mean = --sparsity, never worse than uniform)")
     p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
     p.add_argument("--owl-lambda", type=float, default=None, help="OWL λ: layer sparsities span a 2λ-wide window, S+mean(r)−2λ .. S+mean(r) (default 0.08)")
     p.add_argument("--min-density", type=float, default=None, help="global allocation: per-matrix minimum density")
+    p.add_argument("--refine", choices=("none", "dsnot"), default=None,
+                   help="after the method: dsnot = training-free mask swaps that lower each row's reconstruction "
+                        "error, sparsity and N:M pattern unchanged (default none)")
+    p.add_argument("--permute", action=argparse.BooleanOptionalAction, default=None,
+                   help="N:M only: permute input channels (with the producers' rows, function unchanged) where "
+                        "that lowers the N:M error")
     width = p.add_argument_group("width (--method width)")
     width.add_argument("--mlp-keep", type=float, default=None, help="fraction of MLP neurons kept in every layer")
     width.add_argument("--heads-keep", type=float, default=None,
@@ -93,6 +100,7 @@ def register(sub) -> None:
 
 # CLI flag -> stage key, for the flags that set stage parameters.
 STAGE_FLAGS = {"allocation": "allocation", "owl_m": "owl_m", "owl_lambda": "owl_lambda", "min_density": "min_density",
+               "refine": "refine", "permute": "permute",
                "targets": "targets", "ignore": "ignore", "true_sequential": "true_sequential",
                "mlp_keep": "mlp_keep", "heads_keep": "heads_keep", "round_to": "round_to",
                "reconstruct": "reconstruct", "num_layers": "num_layers", "layer_fraction": "layer_fraction",

@@ -137,6 +137,8 @@ def streamed_problem(model: nn.Module, recipe, save_format: str) -> str | None:
             return f"stage {i} ({stage.method}) needs the whole model in memory"
         if kind.name == "prune" and stage.get("allocation") == "global":
             return f"stage {i} uses allocation global, which ranks every weight of the model at once"
+        if kind.name == "prune" and stage.get("allocation") == "search":
+            return f"stage {i} uses allocation search, which passes over the layers twice and keeps their dense weights"
     layout = save_layout(model)
     if isinstance(layout, str):
         return layout
