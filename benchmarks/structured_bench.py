@@ -37,13 +37,16 @@ import llmprune  # noqa: E402
 from llmprune.calibration.data import calibration_windows, stdlib_texts  # noqa: E402
 
 
-def width_runs(kind: str, keeps: list[float], criteria: list[str]) -> list[dict]:
+def width_runs(kind: str, keeps: list[float], criteria: list[str], random_seeds: int) -> list[dict]:
     runs = []
     for keep in keeps:
         for criterion in criteria:
             for reconstruct in ((True,) if criterion == "obs" else (True, False)):    # obs selects for the refit
-                runs.append({"group": kind, "stage": {"method": "width", f"{kind}_keep": keep, "criterion": criterion,
-                                                     "reconstruct": reconstruct}})
+                # one draw of `random` can be lucky or unlucky: it is run with several seeds
+                for seed in range(random_seeds if criterion == "random" else 1):
+                    runs.append({"group": kind, "stage": {"method": "width", f"{kind}_keep": keep,
+                                                         "criterion": criterion, "reconstruct": reconstruct,
+                                                         "seed": seed}})
     return runs
 
 
@@ -68,6 +71,14 @@ def label(stage: dict) -> str:
     if stage["method"] == "layer-drop":
         return f"drop {stage['num_layers']} ({stage['criterion']})"
     return f"{stage['criterion']}{'' if stage['reconstruct'] else ' (no recon.)'}"
+
+
+def ppl_cell(rows: list[dict]) -> str:
+    """One run's perplexity, or the mean (min-max) of a criterion's seeds."""
+    ppls = [r["ppl"] for r in rows]
+    if len(ppls) == 1:
+        return f"{ppls[0]:.2f}"
+    return f"{statistics.mean(ppls):.2f} ({min(ppls):.2f}-{max(ppls):.2f}, {len(ppls)} seeds)"
 
 
 def _sync(device: torch.device) -> None:
@@ -158,7 +169,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--windows", type=int, default=256, help="held-out perplexity windows (256 tokens each)")
-    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency tables (their RESULTS.md "
+                        "section is left as it is)")
+    parser.add_argument("--random-seeds", type=int, default=3, help="seeds of the random criterion (mean reported)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--latency-model", default="1024x8",
                         help="random-init latency Llama: HIDDENxLAYERS, or llama3-8b")
@@ -190,8 +203,8 @@ def main() -> int:
     dense_ppl = heldout_perplexity(model, tokenizer, [], seqlen, tokens=test_tokens, max_windows=args.windows)
     print(f"dense: held-out ppl {dense_ppl:.3f}", flush=True)
 
-    runs = (width_runs("mlp", [0.75, 0.5], ["activation", "obs", "magnitude", "maw", "random"])
-            + width_runs("heads", [0.75, 0.5], ["activation", "obs", "magnitude", "random"])
+    runs = (width_runs("mlp", [0.75, 0.5], ["activation", "obs", "magnitude", "maw", "random"], args.random_seeds)
+            + width_runs("heads", [0.75, 0.5], ["activation", "obs", "magnitude", "random"], args.random_seeds)
             + depth_runs([1, 2], ["bi", "angular", "ppl"]))
     results = []
     for r in runs:
@@ -208,8 +221,8 @@ def main() -> int:
         header = "| criterion | " + " | ".join(f"{knob} {k} ({next(r['removed'] for r in results if r['group'] == group and r['stage'][knob] == k):.1%} params removed)" for k in keeps) + " |"
         lines = [f"#### {title}", "", header, "|---|" + "---|" * len(keeps)]
         for name in dict.fromkeys(label(r["stage"]) for r in results if r["group"] == group):
-            cells = [next(f"{r['ppl']:.2f}" for r in results if r["group"] == group and r["stage"][knob] == k
-                          and label(r["stage"]) == name) for k in keeps]
+            cells = [ppl_cell([r for r in results if r["group"] == group and r["stage"][knob] == k
+                               and label(r["stage"]) == name]) for k in keeps]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         tables.append("\n".join(lines))
     lines = ["#### Depth (`--method layer-drop`)", "", "| criterion | layers removed | params removed | ppl | time s |",
@@ -236,8 +249,12 @@ def main() -> int:
             f"{dense_ppl:.2f}); calibration {args.calib_samples} x {seqlen} stdlib-train tokens; perplexity on the "
             f"first {args.windows} stdlib-test windows of {seqlen} tokens. Parameters removed count the whole "
             f"model (embeddings and head included).",
-            quality, latency_text] if x)
+            quality] if x)
         replace_results_section(args.results_md, "structured_bench", body)
+        if latency_text:
+            replace_results_section(args.results_md, "structured_latency:cpu",
+                                    "### Structured pruning latency, CPU (`benchmarks/structured_bench.py`)\n\n"
+                                    f"Command: {command}\n\n{latency_text}")
         print(f"\nwrote section into {args.results_md}")
     return 0
 
