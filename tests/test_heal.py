@@ -2,7 +2,6 @@
 trained model, structured (narrower) outputs merge and reload, determinism, disjoint heal windows, CLI."""
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +19,7 @@ from tiny_models import sample_text, save_tiny, tiny_model, tiny_tokenizer
 SEQLEN = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small training runs: one thread is faster than two oversubscribed ones on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny training/expert loops: see conftest
 
 
 @pytest.fixture(scope="module")

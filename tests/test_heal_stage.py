@@ -22,12 +22,7 @@ from tiny_models import sample_text, save_tiny, tiny_model, tiny_tokenizer
 SEQLEN = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny training/expert loops: see conftest
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from tiny_models import MOE_CONFIGS, VOCAB, tiny_model
 FAMILIES = sorted(MOE_CONFIGS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices and many small expert loops: extra threads only add sync overhead (measured on the
-    # shared 2-core box: this file takes 4 min with the default threads, under 1 min with one).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny training/expert loops: see conftest
 
 
 def decisive_model(model_type: str, seed: int = 0):

@@ -23,17 +23,12 @@ from llmprune.methods.wanda import wanda
 from llmprune.recipe import Recipe
 from llmprune.moe import families, observe, routing
 from llmprune.moe.criteria import moe_output_error
-from tiny_models import MOE_CONFIGS, VOCAB, sample_text, save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import MOE_CONFIGS, VOCAB, sample_text, save_tiny, tiny_model
 
 FAMILIES = sorted(MOE_CONFIGS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)      # many tiny per-expert ops: extra threads only add overhead
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny training/expert loops: see conftest
 
 
 def calib(n: int = 8, seq: int = 24, seed: int = 0) -> torch.Tensor:
