@@ -144,7 +144,10 @@ def release_locks() -> None:
     """Let go of every work folder this process locked (a command that ended, also by an error or
     Ctrl-C: the Python API or a test may run the next command in the same process)."""
     for work in list(_HELD):
-        work.unlock()
+        if work.exists() and not work.sub(JOURNAL).is_file():
+            work.remove()          # refused before any progress was journalled: nothing to resume, leave no trace
+        else:
+            work.unlock()
 
 
 def trim_heap() -> None:
