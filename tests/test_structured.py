@@ -207,6 +207,15 @@ def test_obs_criterion_gives_the_least_reconstructed_error():
     assert _layer_output_error("obs", True) < _layer_output_error("activation", True)
 
 
+def test_default_criterion_is_obs_with_reconstruction_and_activation_without():
+    _, refit = run(tiny_model("llama"), {"method": "width", "mlp_keep": 0.5})
+    _, plain = run(tiny_model("llama"), {"method": "width", "mlp_keep": 0.5, "reconstruct": False})
+    _, asked = run(tiny_model("llama"), {"method": "width", "mlp_keep": 0.5, "criterion": "random"})
+    assert refit.stages[0].params["criterion"] == "obs"
+    assert plain.stages[0].params["criterion"] == "activation"
+    assert asked.stages[0].params["criterion"] == "random"
+
+
 def test_obs_with_one_round_matches_a_direct_group_obs_score():
     """One round removes the units with the least tr(W_u [H⁻¹]_uu⁻¹ W_uᵀ), here computed by brute force as
     the least-squares residual of removing each KV group alone."""

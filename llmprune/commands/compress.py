@@ -55,7 +55,7 @@ def register(sub) -> None:
     experts.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=None,
                          help="calibrate each MoE layer on the already-pruned earlier layers' outputs (default on)")
     p.add_argument("--criterion", default=None,
-                   help="width: activation | obs | magnitude | maw | random (default activation); "
+                   help="width: obs | activation | magnitude | maw | random (default obs; activation with --no-reconstruct); "
                         "layer-drop: bi | angular | ppl (default bi); expert-drop: merge | reap | frequency | "
                         "router-weight | reconstruction | random (default merge)")
     p.add_argument("--calib-data", default=None, help="c4 | wikitext2 | stdlib | PATH (.txt/.jsonl/.parquet); default c4")

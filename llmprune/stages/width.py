@@ -7,14 +7,14 @@ holds one width (methods.md §0.1).
 
 Per decoder layer, in order attention -> MLP, calibrated true-sequentially when memory allows:
 1. score the units (`criterion`):
-   - `activation` (default; Wanda-sp, FLAP/CFSP repos): channel j of the output linear scores
-     ‖X_j‖₂ · mean_i |W_ij|, a unit the sum over its channels;
+   - `activation` (the default without reconstruction; Wanda-sp, FLAP/CFSP repos): channel j of the
+     output linear scores ‖X_j‖₂ · mean_i |W_ij|, a unit the sum over its channels;
    - `magnitude`: the L2 norm of all the unit's weights (producer rows and output columns);
    - `maw` (MLP only; the peak-to-peak score of "Fragile Knowledge", optipfair):
      Σ over the unit's producer rows of (max_k W[r, k] + |min_k W[r, k]|);
    - `random`: a seeded permutation (the baseline);
-   - `obs` (beyond the anchors; structured Optimal Brain Surgeon, as in ZipLM / SlimGPT): remove units
-     greedily, in rounds, by the least increase of the output linear's reconstruction error when the
+   - `obs` (the default with reconstruction; beyond the anchors; structured Optimal Brain Surgeon, as
+     in ZipLM / SlimGPT): remove units greedily, in rounds, by the least increase of the output linear's reconstruction error when the
      kept channels are re-fitted, ΔE_u = tr(W_u [H⁻¹]_uu⁻¹ W_uᵀ), updating W and H⁻¹ after each
      round: it picks the units that reconstruction can replace best;
 2. keep the best units;
@@ -50,7 +50,15 @@ DATA_CRITERIA = ("activation", "obs")
 
 
 def _needs_calibration(params: dict) -> bool:
-    return params.get("criterion", "activation") in DATA_CRITERIA or params.get("reconstruct", True)
+    return (params.get("criterion") or "activation") in DATA_CRITERIA or params.get("reconstruct", True)
+
+
+def default_criterion(reconstruct: bool) -> str:
+    """`obs` when the output linear is re-fitted (it picks the units the refit replaces best, and the refit
+    already needs its Hessian), else `activation`. Measured (benchmarks/RESULTS.md, structured_bench):
+    with reconstruction, obs is the best criterion in every cell, while activation lost to the mean of
+    three random draws when dropping a quarter of the KV groups."""
+    return "obs" if reconstruct else "activation"
 
 
 def _validate(params: dict, where: str) -> dict:
@@ -125,7 +133,7 @@ def _edit_model(ctx: StageContext) -> None:
 def width(ctx: StageContext, *,
           mlp_keep: Annotated[float, Range(0, 1, low_open=True, high_open=True)] | None = None,
           heads_keep: Annotated[float, Range(0, 1, low_open=True, high_open=True)] | None = None,
-          criterion: Criterion = "activation",
+          criterion: Criterion | None = None,
           round_to: Annotated[int, Range(1)] = 8,
           reconstruct: bool = True,
           true_sequential: bool | None = None,
@@ -135,6 +143,8 @@ def width(ctx: StageContext, *,
     fam, dims = spec_for(model), dims_of(model)
     plan = _plan(model.config, {"mlp_keep": mlp_keep, "heads_keep": heads_keep, "round_to": round_to}, ctx.where)
     record = ctx.new_record(target={k: v for k, v in (("mlp_keep", mlp_keep), ("heads_keep", heads_keep)) if v})
+    criterion = criterion or default_criterion(reconstruct)
+    record.params["criterion"] = criterion
     needs = set()
     if criterion == "activation":
         needs |= {"input_sq_norm"}
