@@ -104,10 +104,11 @@ line() {
         text) { echo '```text'; cat "$WORK/out"; echo '```'; } >> "$MD" ;;
         kernels) grep -E '^(device |summary|e2e )' "$WORK/out" | sed 's/$/  /' >> "$MD"
                  echo >> "$MD"
-                 [ -f "$WORK/kernels_24/table.md" ] && cat "$WORK/kernels_24/table.md" >> "$MD"
+                 if [ -f "$WORK/kernels_24/table.md" ]; then cat "$WORK/kernels_24/table.md" >> "$MD"
+                 else { echo '```text'; cat "$WORK/out"; echo '```'; } >> "$MD"; fi   # stopped early: the rows it printed
                  [ -f "$WORK/kernels_24/results.json" ] && cp "$WORK/kernels_24/results.json" "$OUT/kernels_24_results.json" ;;
     esac
-    if [ "$rc" -ne 0 ]; then { echo; echo '```text'; tail -n 15 "$WORK/err"; echo '```'; } >> "$MD"; fi
+    if [ "$rc" -ne 0 ] && [ -s "$WORK/err" ]; then { echo; echo '```text'; tail -n 15 "$WORK/err"; echo '```'; } >> "$MD"; fi
     SUMMARY+=("$num $name: $status, ${secs}s")
 }
 
@@ -125,10 +126,10 @@ if [ "$SMOKE" = 1 ]; then
     line 6 heal_lora 120 md "Masked-LoRA heal steps, Llama-3-8B shape (smoke)" -- \
         "$PY" benchmarks/heal_gpu.py --smoke
 else
-    # budgets: expected ~60-90 / 100 / 60 / 70 / 40 / 60 s; caps below; BUDGET_S trims the later lines
-    line 1 kernels_24 130 kernels "2:4 Triton kernels vs cuBLAS, Llama-3-8B linears (6 M values; e2e eager, 64 tokens)" -- \
+    # guesses (no H200 run yet): ~60-90 / 100 / 60 / 70 / 40 / 60 s; caps below; BUDGET_S trims the later lines
+    line 1 kernels_24 120 kernels "2:4 Triton kernels vs cuBLAS, Llama-3-8B linears (6 M values; e2e eager, 64 tokens)" -- \
         "$PY" benchmarks/kernels_24.py --ms 1,4,16,64,512,2048 --no-compile --new-tokens 64 --out "$WORK/kernels_24"
-    line 2 sparsegpt_8b 150 text "SparseGPT 50%, Llama-3-8B shapes, 128 x 2048 calibration (16 of 32 layers; 32-layer estimate)" -- \
+    line 2 sparsegpt_8b 170 text "SparseGPT 50%, Llama-3-8B shapes, 128 x 2048 calibration (16 of 32 layers; 32-layer estimate)" -- \
         "$PY" benchmarks/sparsegpt_8b.py --device cuda --methods sparsegpt --layers 16
     line 3 structured_latency 100 md "Structured pruning latency vs dense, random-init Llama-3-8B, bf16 (3 repeats)" -- \
         "$PY" benchmarks/structured_bench.py --latency-only --latency-model llama3-8b --device cuda --dtype bfloat16 --repeats 3
