@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import greenlet
 import torch
 from torch import nn
 
@@ -228,6 +227,8 @@ class _Lockstep:
         return pre_hook
 
     def run(self, forward: Callable[[int], torch.Tensor], release: Callable[[str], None]) -> list[torch.Tensor]:
+        import greenlet  # here, not at module import: only true-sequential calibration needs it (GPU images may lack it)
+
         self.coordinator = greenlet.getcurrent()
         batches = [greenlet.greenlet(forward) for _ in range(self.n)]
         outputs: list = [None] * self.n
