@@ -53,3 +53,13 @@ def test_random_bytes_are_not_calibration_text(tmp_path):
     path.write_bytes(bytes(range(256)) * 80)
     with pytest.raises(UserError, match="does not look like text"):
         read_local_texts(path)
+
+
+def test_every_shipped_recipe_loads_and_validates():
+    from llmprune.recipe import load_recipe, named_recipes
+
+    names = sorted(named_recipes())
+    assert len(names) >= 10
+    for name in names:
+        recipe = load_recipe(name)          # YAML + every stage's keys checked, before any model exists
+        assert recipe.stages and recipe.description, name
