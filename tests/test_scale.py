@@ -179,3 +179,19 @@ def test_torchrun_two_processes_write_the_single_process_checkpoint(ws, tmp_path
     assert shard_bytes(tmp_path / "two") == shard_bytes(tmp_path / "one")
     assert two.stdout.count("wrote ") == 1                       # rank 0 writes and reports
     assert not (tmp_path / ".two.partial").exists()
+
+
+def test_bf16_checkpoint_streams_to_the_in_memory_bits_and_stays_bf16(ws, tmp_path):
+    """A bf16 checkpoint is read and written a layer at a time (never upcast as a whole model) and gives
+    the bytes of the in-memory run, still in bf16."""
+    model_dir = tmp_path / "bf16"
+    tiny_model("llama", num_hidden_layers=3).to(torch.bfloat16).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    args = ["--recipe", str(ws / "wanda.yaml"), "--quiet"]
+    assert main(["compress", str(model_dir), *args, "--output", str(tmp_path / "mem"), "--in-memory"]) == 0
+    assert main(["compress", str(model_dir), *args, "--output", str(tmp_path / "stream")]) == 0
+    streamed = tensors(tmp_path / "stream")
+    assert_same_bits(tensors(tmp_path / "mem"), streamed)
+    assert {t.dtype for t in streamed.values()} == {torch.bfloat16}
+    w = streamed["model.layers.2.mlp.down_proj.weight"]
+    assert ((w == 0).sum(dim=1) == w.shape[1] // 2).all()
