@@ -4,7 +4,6 @@ Hand-built sidecars (tests/test_hub.py) only cover the old formats."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,29 +15,11 @@ from llmprune.errors import UserError
 from llmprune.io.card import parse_front_matter, render_card
 from llmprune.io.identity import model_fingerprint
 
+from cli_helpers import cli, table_rows
+
 CALIB = ["--calib-data", "calib.txt", "--calib-samples", "4", "--calib-seqlen", "32", "--quiet"]
 BASE_KEYS = {"id", "revision", "model_type", "path", "local"}      # base_model_entry's shape
 REV = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cli(root: Path, *args: str) -> int:
-    from llmprune.cli import main
-
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        return main(list(args))
-    finally:
-        os.chdir(cwd)
-
-
-def table_rows(card: str, first_cell: str) -> list[list[str]]:
-    rows = []
-    for line in card.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_cell:
-            rows.append(cells)
-    return rows
 
 
 def sidecar(directory: Path) -> dict:

@@ -23,6 +23,8 @@ from llmprune.errors import UserError
 from llmprune.io.card import CARD_MARKER, parse_front_matter, render_card
 from llmprune.io.sidecar import write_sidecar
 
+from cli_helpers import table_rows
+
 TOKEN = "hf_SECRETtokenVALUE1234567890abcdef"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -214,15 +216,6 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def _table_rows(card: str, first_cell: str) -> list[list[str]]:
-    rows = []
-    for line in card.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_cell:
-            rows.append(cells)
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------
 # cards
 
@@ -243,7 +236,7 @@ def test_compress_card_metadata_and_numbers_match_sidecar(outputs):
         infos = [v for k, v in modules.items() if k.endswith("." + mtype)]
         sizes = [v["shape"][0] * v["shape"][1] for v in infos]
         expected = sum(v["achieved"] * s for v, s in zip(infos, sizes)) / sum(sizes)
-        (row,) = _table_rows(card, f"`{mtype}`")
+        (row,) = table_rows(card, f"`{mtype}`")
         assert row[1] == str(len(infos)) and row[2] == f"{sum(sizes):,}"
         assert row[3] == "50.00%" and row[4] == f"{100 * expected:.2f}%"
     assert f"achieved (pruned layers): {100 * sidecar['sparsity']['achieved']:.2f}%" in card
@@ -267,10 +260,10 @@ def test_module_types_are_parameter_weighted_with_target_range(tmp_path):
                                                                         "achieved": 0.625}}}
     (directory / "llmprune.json").write_text(json.dumps(sidecar))
     card = render_card(directory)
-    (q,) = _table_rows(card, "`q_proj`")
+    (q,) = table_rows(card, "`q_proj`")
     # (64 * 0.5 + 192 * 0.7) / 256 = 0.65 (an unweighted mean would say 0.60)
     assert q[1:] == ["2", "256", "65.00% (50.00%–70.00%)", "65.00%", "50.00%–70.00%"]
-    (up,) = _table_rows(card, "`up_proj`")
+    (up,) = table_rows(card, "`up_proj`")
     assert up[1:] == ["1", "16", "60.00%", "62.50%", "62.50%–62.50%"]
     assert "- target: 60.00%" in card and "- achieved (pruned layers): 62.00%" in card
 
@@ -296,22 +289,22 @@ def test_card_with_eval_results_shows_retained_against_dense(outputs, tmp_path):
     directory = make_eval_results(_copy(outputs["unstructured"], tmp_path / "withevals"))
     card = render_card(directory)
     assert yaml.safe_load(card.split("---\n")[1])  # front matter still parses
-    (ppl,) = _table_rows(card, "wikitext2")
+    (ppl,) = table_rows(card, "wikitext2")
     assert ppl[1:] == ["wikitext2 (test split)", "2048 tokens × 40", "10", "14.500", "+45.0%"]
     # hand-made results of the old format record no weights fingerprint: shown, but labelled
     assert "## Evaluation (unverified)" in card and "could not be checked against this model" in card
-    (arc,) = _table_rows(card, "arc_easy")
+    (arc,) = table_rows(card, "arc_easy")
     assert arc[1:] == ["reasoning_mc", "acc_norm", "0.7000", "0.6100 ± 0.0100", "87.1% [84.0, 90.3]", "80.0%",
                        "0.2500", "2376"]
-    (rte,) = _table_rows(card, "rte")
+    (rte,) = table_rows(card, "rte")
     assert rte[5:7] == ["98.1%", "floor"] and "*floor*" in card
-    (trivia,) = _table_rows(card, "triviaqa")
+    (trivia,) = table_rows(card, "triviaqa")
     assert trivia[5:7] == ["50.0% [46.1, 53.9]", "50.0%"]
-    (suite,) = _table_rows(card, "knowledge")
+    (suite,) = table_rows(card, "knowledge")
     assert suite[1:] == ["0.2000", "50.0%", "50.0%", "triviaqa (50.0%)"]
-    (suite,) = _table_rows(card, "reasoning_mc")
+    (suite,) = table_rows(card, "reasoning_mc")
     assert suite[1:] == ["0.5650", "92.6%", "80.0%", "arc_easy (87.1%)"]
-    assert not _table_rows(card, "lm") and not _table_rows(card, "ppl_wikitext2")  # perplexity has its own table
+    assert not table_rows(card, "lm") and not table_rows(card, "ppl_wikitext2")  # perplexity has its own table
     assert "exact zeros in the prunable linear layers): 50.00%" in card
     assert "`Llama-3.2-1B`" in card and "/data/dense-eval" not in card
     assert "[eval/report/report.md](eval/report/report.md)" in card and "![suites](eval/report/suites.png)" in card
@@ -327,9 +320,9 @@ def test_eval_without_baseline_has_no_retained_column(outputs, tmp_path):
     section = card.split("## Evaluation")[1].split("## Limitations")[0]
     assert "retained" not in section and "dense" not in section.lower()
     assert "this card has no knowledge or reasoning evaluation" not in card  # arc_easy is reasoning
-    (ppl,) = _table_rows(card, "wikitext2")
+    (ppl,) = table_rows(card, "wikitext2")
     assert ppl[1:] == ["wikitext2 (test split)", "2048 tokens × 40", "14.500"]
-    (arc,) = _table_rows(card, "arc_easy")
+    (arc,) = table_rows(card, "arc_easy")
     assert arc[1:] == ["reasoning_mc", "acc_norm", "0.6100 ± 0.0100", "0.2500", "2376"]
 
 
@@ -349,7 +342,7 @@ def test_delta_cards_single_finetune_and_merge(outputs):
     assert "sparsified by `dare`" in single and "Achieved delta density: 10.03%" in single
     sidecar = json.loads((outputs["delta1"] / "llmprune.json").read_text())
     q = [v for k, v in sidecar["delta"]["tensors"].items() if ".q_proj." in k]
-    (row,) = _table_rows(single, "`q_proj`")
+    (row,) = table_rows(single, "`q_proj`")
     assert row[2] == f"{100 * sum(v['density'] for v in q) / len(q):.2f}%"  # same shapes: plain mean
     assert "The weights are dense" in single
 

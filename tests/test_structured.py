@@ -14,6 +14,7 @@ from llmprune.calibration.observers import LayerObserver
 from llmprune.edits import mask_units, rewrite_group_config, slice_units, verify_config
 from llmprune.errors import UserError
 from llmprune.stages.width import obs_keep, refit_output, unit_scores
+from cli_helpers import cli
 from tiny_models import ARCH_CONFIGS, VOCAB, tiny_model
 
 ARCHS = list(ARCH_CONFIGS)
@@ -366,19 +367,6 @@ def saved_model(tmp_path_factory):
 
 
 CALIB = ["--calib-data", "calib.txt", "--calib-samples", "6", "--calib-seqlen", "32", "--quiet"]
-
-
-def cli(root, *args):
-    import os
-
-    from llmprune.cli import main
-
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        return main(list(args))
-    finally:
-        os.chdir(cwd)
 
 
 def test_cli_recipe_layer_drop_width_wanda_writes_a_smaller_checkpoint_and_card(saved_model, capsys):
