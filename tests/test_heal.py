@@ -14,7 +14,7 @@ from llmprune.cli import main
 from llmprune.errors import UserError
 from llmprune.heal import MaskedLoRA, heal_model, mean_nll, perp_parameters
 from llmprune.io.sidecar import describe
-from tiny_models import sample_text, save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import sample_text, save_tiny, text_windows, tiny_model, tiny_tokenizer, train_tiny_llama
 
 SEQLEN = 64
 
@@ -26,27 +26,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tiny training/expert loop
 def data():
     """The tiny tokenizer's stdlib text as [n, 64] windows: training windows and held-out windows."""
     tok = tiny_tokenizer()
-    stream = torch.tensor(tok(sample_text(), add_special_tokens=False)["input_ids"])
-    windows = stream[: stream.numel() // SEQLEN * SEQLEN].view(-1, SEQLEN)
+    windows = text_windows(SEQLEN)
     return {"tokenizer": tok, "train": windows[:-24], "eval": windows[-24:]}
 
 
 @pytest.fixture(scope="module")
 def trained(data):
     """A tiny Llama trained for a few seconds on stdlib text (the dense teacher)."""
-    torch.manual_seed(0)
-    model = tiny_model("llama")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(150):
-        batch = data["train"][torch.randint(0, data["train"].shape[0], (8,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return model
+    return train_tiny_llama(data["train"])
 
 
 def pruned_copy(model, sparsity, tokenizer=None):

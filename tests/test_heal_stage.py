@@ -17,7 +17,7 @@ from llmprune.heal import MaskedLoRA, heal_windows, mean_nll
 from llmprune.io.card import render_card
 from llmprune.recipe import Recipe
 from llmprune.stages.heal import check_nm_kept
-from tiny_models import sample_text, save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import sample_text, save_tiny, text_windows, tiny_model, tiny_tokenizer, train_tiny_llama
 
 SEQLEN = 64
 
@@ -35,22 +35,7 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained():
     """A tiny Llama trained for a few seconds on the stdlib text (the dense model)."""
-    tok = tiny_tokenizer()
-    stream = torch.tensor(tok(sample_text(), add_special_tokens=False)["input_ids"])
-    windows = stream[: stream.numel() // SEQLEN * SEQLEN].view(-1, SEQLEN)
-    torch.manual_seed(0)
-    model = tiny_model("llama")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(150):
-        batch = windows[torch.randint(0, windows.shape[0], (8,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return model
+    return train_tiny_llama(text_windows(SEQLEN))
 
 
 def recipe(text_file, *stages, samples=8) -> dict:

@@ -85,3 +85,26 @@ def save_tiny(path: Path, model_type: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def text_windows(seqlen: int) -> torch.Tensor:
+    """`sample_text()` through the tiny tokenizer, cut into `[n, seqlen]` windows (tail dropped)."""
+    stream = torch.tensor(tiny_tokenizer()(sample_text(), add_special_tokens=False)["input_ids"])
+    return stream[: stream.numel() // seqlen * seqlen].view(-1, seqlen)
+
+
+def train_tiny_llama(windows: torch.Tensor, steps: int = 150) -> torch.nn.Module:
+    """A tiny Llama trained for a few seconds on `windows` (seeded: the same model every call)."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(0, windows.shape[0], (8,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
