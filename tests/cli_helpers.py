@@ -23,3 +23,13 @@ def table_rows(card: str, first_cell: str) -> list[list[str]]:
         if line.startswith("|") and cells[0] == first_cell:
             rows.append(cells)
     return rows
+
+
+def cli_workspace(root: Path, arch: str = "llama") -> Path:
+    """`root/model` (a saved tiny `arch` model with its tokenizer) and `root/calib.txt` (60k characters of
+    stdlib text): what the CLI tests compress from."""
+    from tiny_models import sample_text, save_tiny
+
+    save_tiny(root / "model", arch)
+    (root / "calib.txt").write_text(sample_text()[:60_000])
+    return root

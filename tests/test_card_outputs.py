@@ -15,7 +15,7 @@ from llmprune.errors import UserError
 from llmprune.io.card import parse_front_matter, render_card
 from llmprune.io.identity import model_fingerprint
 
-from cli_helpers import cli, table_rows
+from cli_helpers import cli, cli_workspace, table_rows
 
 CALIB = ["--calib-data", "calib.txt", "--calib-samples", "4", "--calib-seqlen", "32", "--quiet"]
 BASE_KEYS = {"id", "revision", "model_type", "path", "local"}      # base_model_entry's shape
@@ -42,12 +42,9 @@ def finetune(src: Path, dst: Path, seed: int, noise: float = 0.02) -> Path:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    from tiny_models import sample_text, save_tiny
-
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cards")
-    save_tiny(root / "model", "llama")
-    (root / "calib.txt").write_text(sample_text()[:60_000])
+    cli_workspace(root, "llama")
     (root / "multi.yaml").write_text("stages:\n  - method: wanda\n    sparsity: 0.3\n    targets: self_attn\n"
                                      "  - method: wanda\n    sparsity: '2:4'\n    targets: mlp\n")
     runs = {

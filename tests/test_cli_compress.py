@@ -11,7 +11,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmprune.cli import main
-from tiny_models import ARCH_CONFIGS, sample_text, save_tiny
+from cli_helpers import cli_workspace
+from tiny_models import ARCH_CONFIGS, sample_text
 
 CALIB = ["--calib-samples", "6", "--calib-seqlen", "32", "--quiet"]
 
@@ -19,8 +20,7 @@ CALIB = ["--calib-samples", "6", "--calib-seqlen", "32", "--quiet"]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    save_tiny(root / "model", "llama")
-    (root / "calib.txt").write_text(sample_text()[:60_000])
+    cli_workspace(root, "llama")
     (root / "short.txt").write_text("too short")
     (root / "calib.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in sample_text()[:60_000].split("\n\n")))
     return root

@@ -23,7 +23,8 @@ from llmprune.methods.wanda import wanda
 from llmprune.recipe import Recipe
 from llmprune.moe import families, observe, routing
 from llmprune.moe.criteria import moe_output_error
-from tiny_models import MOE_CONFIGS, VOCAB, sample_text, save_tiny, tiny_model
+from cli_helpers import cli_workspace
+from tiny_models import MOE_CONFIGS, VOCAB, tiny_model
 
 FAMILIES = sorted(MOE_CONFIGS)
 
@@ -377,8 +378,7 @@ def test_width_heads_on_moe_where_the_registry_allows_and_one_line_refusals(tmp_
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_cli")
-    save_tiny(root / "model", "mixtral")
-    (root / "calib.txt").write_text(sample_text()[:60_000])
+    cli_workspace(root, "mixtral")
     return root
 
 

@@ -14,7 +14,7 @@ from llmprune.calibration.observers import LayerObserver
 from llmprune.edits import mask_units, rewrite_group_config, slice_units, verify_config
 from llmprune.errors import UserError
 from llmprune.stages.width import obs_keep, refit_output, unit_scores
-from cli_helpers import cli
+from cli_helpers import cli, cli_workspace
 from tiny_models import ARCH_CONFIGS, VOCAB, tiny_model
 
 ARCHS = list(ARCH_CONFIGS)
@@ -358,11 +358,8 @@ def test_gpt2_with_inverse_layer_scaling_refuses_layer_drop():
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    from tiny_models import sample_text, save_tiny
-
     root = tmp_path_factory.mktemp("structured")
-    save_tiny(root / "model", "llama")
-    (root / "calib.txt").write_text(sample_text()[:60_000])
+    cli_workspace(root, "llama")
     return root
 
 
