@@ -8,7 +8,7 @@ import llmprune
 from llmprune.arch import decoder_layers, get_module, prunable_linears, spec_for, weight_2d
 from llmprune.calibration.engine import capture_layer_inputs, layerwise
 from llmprune.masks import nm_violations, num_to_prune, parse_pattern
-from tiny_models import ARCH_CONFIGS, VOCAB, tiny_model
+from tiny_models import ARCH_CONFIGS, VOCAB, outlier_model, tiny_model
 
 ARCHS = list(ARCH_CONFIGS)
 
@@ -66,23 +66,13 @@ def test_exact_sparsity_per_matrix(method, sparsity):
         assert report.modules[name].achieved == pytest.approx((w == 0).float().mean().item())
 
 
-def _outlier_model():
-    """Random models have no outlier features; real LLMs do. Give the input norms varied scales."""
-    model = tiny_model("llama", num_hidden_layers=1, hidden_size=128, intermediate_size=256)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm):
-            norm.weight.copy_(torch.exp(torch.randn(norm.weight.shape, generator=gen)))
-    return model
-
-
 def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude():
     """On the same captured inputs, ‖WX − ŴX‖ ranks SparseGPT < Wanda < magnitude for every linear."""
     ids = calib_ids(16, 64)
     errors = {}
     inputs = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        model = _outlier_model()
+        model = outlier_model()
         linears = prunable_linears(model)
         dense = {n: weight_2d(m).clone() for n, m in linears.items()}
         if not inputs:  # capture each linear's dense-model inputs once

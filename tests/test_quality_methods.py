@@ -15,7 +15,7 @@ from llmprune.methods import METHODS, LinearStats
 from llmprune.methods.dsnot import dsnot_refine, refine_and_refit
 from llmprune.methods.permute import nm_channel_permutation, nm_retained, permute_channels, permute_stats
 from llmprune.methods.refit import refit_on_mask
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, outlier_model, tiny_model
 
 
 def _stats(x: torch.Tensor) -> LinearStats:
@@ -126,11 +126,7 @@ def test_refit_never_worse_than_the_masked_weights_it_starts_from():
 @pytest.fixture(scope="module")
 def captured_layer():
     """Dense weights and the inputs each linear of a tiny model's layer saw (outlier-scaled norms)."""
-    model = tiny_model("llama", num_hidden_layers=1, hidden_size=128, intermediate_size=256)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm):
-            norm.weight.copy_(torch.exp(torch.randn(norm.weight.shape, generator=gen)))
+    model = outlier_model()
     linears = prunable_linears(model)
     inputs = {}
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.setdefault(n, []).append(a[0].detach()))

@@ -108,3 +108,14 @@ def train_tiny_llama(windows: torch.Tensor, steps: int = 150) -> torch.nn.Module
         optimizer.step()
     model.eval()
     return model
+
+
+def outlier_model() -> torch.nn.Module:
+    """A one-layer tiny Llama whose input norms have varied (log-normal) scales: random models have no
+    outlier features, real LLMs do, and activation-aware methods only differ from magnitude with them."""
+    model = tiny_model("llama", num_hidden_layers=1, hidden_size=128, intermediate_size=256)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm):
+            norm.weight.copy_(torch.exp(torch.randn(norm.weight.shape, generator=gen)))
+    return model
