@@ -133,48 +133,48 @@ def observe_block(stats: ExpertLayerStats, block: nn.Module, family: dict, rcfg:
 # hooks
 
 
+def _wanted_blocks(model: nn.Module, layers: Iterable[int] | None) -> dict[int, nn.Module]:
+    blocks = moe_blocks(model)
+    return blocks if layers is None else {i: blocks[i] for i in layers}
+
+
+@contextmanager
+def _block_input_hooks(blocks: dict[int, nn.Module], on_input) -> Iterator[None]:
+    """Within the block, `on_input(layer, module, hidden_states)` sees what enters each of `blocks`."""
+    def hook_for(index: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            on_input(index, module, args[0])
+        return hook
+
+    handles = [block.register_forward_pre_hook(hook_for(i)) for i, block in blocks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextmanager
 def observing(model: nn.Module, needs: Iterable[str] = (),
               layers: Iterable[int] | None = None) -> Iterator[dict[int, ExpertLayerStats]]:
     """Within the block, every forward of `model` adds the hidden states entering each MoE block (of
     `layers`, default all) to the yielded {layer: ExpertLayerStats}. Batches should hold no padding."""
     family, rcfg = family_for(model), router_config(model)
-    blocks = moe_blocks(model)
-    wanted = blocks if layers is None else {i: blocks[i] for i in layers}
+    wanted = _wanted_blocks(model, layers)
     stats = {i: new_layer_stats(rcfg.num_experts, needs) for i in wanted}
-
-    def hook_for(index: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            observe_block(stats[index], module, family, rcfg, args[0])
-        return hook
-
-    handles = [block.register_forward_pre_hook(hook_for(i)) for i, block in wanted.items()]
-    try:
+    with _block_input_hooks(wanted, lambda i, module, hidden: observe_block(stats[i], module, family, rcfg, hidden)):
         yield stats
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
 def capturing_inputs(model: nn.Module, layers: Iterable[int] | None = None) -> Iterator[dict[int, list[torch.Tensor]]]:
     """Within the block, every forward of `model` appends the hidden states entering each MoE block
     ([tokens, H], detached) to the yielded {layer: [tensors]} (what the criteria take as calibration)."""
-    blocks = moe_blocks(model)
-    wanted = blocks if layers is None else {i: blocks[i] for i in layers}
+    wanted = _wanted_blocks(model, layers)
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-
-    def hook_for(index: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            captured[index].append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        return hook
-
-    handles = [block.register_forward_pre_hook(hook_for(i)) for i, block in wanted.items()]
-    try:
+    with _block_input_hooks(wanted, lambda i, module, hidden: captured[i].append(
+            hidden.detach().reshape(-1, hidden.shape[-1]))):
         yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
